@@ -1,0 +1,508 @@
+"""The index's SQLite database (SQLAlchemy Core): roots, per-image metadata and float16 embeddings, meta keys.
+
+Writers (the indexer) hold the directory lock; readers (search, server) use the read API below and may run
+at any time, since SQLite in WAL mode gives them a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from .errors import IndexLockedError, IndexNotFoundError, StorageError
+
+DB_NAME = "index.db"
+LOCK_NAME = ".lock"
+
+metadata = sa.MetaData()
+meta_table = sa.Table(
+    "meta", metadata, sa.Column("key", sa.Text, primary_key=True), sa.Column("value", sa.Text)
+)
+roots_table = sa.Table(
+    "roots",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("path", sa.LargeBinary, nullable=False, unique=True),
+)
+images_table = sa.Table(
+    "images",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("root_id", sa.Integer, sa.ForeignKey("roots.id"), nullable=False),
+    sa.Column("relpath", sa.LargeBinary, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("mtime_ns", sa.Integer, nullable=False),
+    sa.Column("content_hash", sa.LargeBinary),
+    sa.Column("width", sa.Integer),
+    sa.Column("height", sa.Integer),
+    sa.Column("format", sa.Text),
+    sa.Column("taken_at", sa.Text),
+    sa.Column("camera_make", sa.Text),
+    sa.Column("camera_model", sa.Text),
+    sa.Column("indexed_at", sa.Float),
+    sa.Column("error", sa.Text),
+    sa.Column("embedding", sa.LargeBinary),
+)
+
+# Numbered migrations: frozen SQL, never edited once released. Index i upgrades schema i -> i+1.
+MIGRATIONS: list[tuple[str, list[str]]] = [
+    (
+        "m001_initial",
+        [
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+            "CREATE TABLE roots (id INTEGER PRIMARY KEY, path BLOB NOT NULL UNIQUE)",
+            """CREATE TABLE images (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                root_id INTEGER NOT NULL REFERENCES roots(id),
+                relpath BLOB NOT NULL,
+                size INTEGER NOT NULL,
+                mtime_ns INTEGER NOT NULL,
+                content_hash BLOB,
+                width INTEGER, height INTEGER, format TEXT,
+                indexed_at REAL,
+                error TEXT,
+                embedding BLOB,
+                UNIQUE (root_id, relpath))""",
+        ],
+    ),
+    (
+        "m002_exif_and_hash_index",
+        [
+            "ALTER TABLE images ADD COLUMN taken_at TEXT",
+            "ALTER TABLE images ADD COLUMN camera_make TEXT",
+            "ALTER TABLE images ADD COLUMN camera_model TEXT",
+            "CREATE INDEX ix_images_content_hash ON images (content_hash)",
+        ],
+    ),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+IMAGE_COLUMNS = (
+    "id root_id relpath size mtime_ns content_hash width height format taken_at camera_make camera_model "
+    "indexed_at error"
+).split()
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """One indexed file as readers see it; `path` is absolute (str, surrogateescape for non-UTF-8 bytes)."""
+
+    id: int
+    path: str
+    root: str
+    relpath: str
+    size: int
+    mtime_ns: int
+    width: int | None
+    height: int | None
+    format: str | None
+    taken_at: str | None
+    camera_make: str | None
+    camera_model: str | None
+    indexed_at: float | None
+    error: str | None
+
+
+def encode_embedding(vec: np.ndarray) -> bytes:
+    """Store one vector as float16 bytes (half the size; cosine ranking barely changes)."""
+    return np.asarray(vec, dtype=np.float16).tobytes()
+
+
+def decode_embeddings(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    """float16 blobs -> (N, dim) float32 array."""
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(blobs), dim).astype(np.float32)
+
+
+def _on_connect(readonly: bool):
+    def connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout=30000")
+        if not readonly:
+            cur.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed batch survives power loss too; commits are per batch, so the cost is small.
+            cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return connect
+
+
+class Store:
+    """Handle on an index directory's database. Use `Store.open` (readers) or `Store.create` (the indexer)."""
+
+    def __init__(self, index_dir: str | os.PathLike[str], *, readonly: bool = True) -> None:
+        self.dir = Path(index_dir)
+        self.db_path = self.dir / DB_NAME
+        self.readonly = readonly
+        url = f"sqlite:///file:{self.db_path}?mode=ro&uri=true" if readonly else f"sqlite:///{self.db_path}"
+        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool if readonly else None)
+        sa.event.listen(self.engine, "connect", _on_connect(readonly))
+        self._roots: dict[int, str] | None = None
+
+    # -- opening -------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike[str], *, readonly: bool = True) -> Store:
+        """Open an existing index (raises IndexNotFoundError, or StorageError if its schema is newer)."""
+        if not (Path(index_dir) / DB_NAME).is_file():
+            raise IndexNotFoundError(
+                f"No index at {os.fspath(index_dir)!r}: build one with `ruclip-index build PHOTOS_DIR`."
+            )
+        store = cls(index_dir, readonly=readonly)
+        version = store.schema_version()
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"Index {os.fspath(index_dir)!r} has schema {version}, newer than this ruclip-search "
+                f"({SCHEMA_VERSION}): upgrade ruclip-search."
+            )
+        if version < SCHEMA_VERSION and not readonly:
+            store.migrate()
+        return store
+
+    @classmethod
+    def create(cls, index_dir: str | os.PathLike[str]) -> Store:
+        """Open an index for writing, creating the directory and database, and applying pending migrations."""
+        try:
+            Path(index_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"Cannot create index folder {os.fspath(index_dir)!r}: {e.strerror}.") from e
+        store = cls(index_dir, readonly=False)
+        store.migrate()
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema --------------------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            has_meta = conn.exec_driver_sql(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).first()
+            if not has_meta:
+                return 0
+            row = conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+            ).first()
+            return int(row[0]) if row else 0
+
+    def migrate(self, target: int = SCHEMA_VERSION) -> int:
+        """Apply migrations up to `target`, each in its own transaction; returns the new version."""
+        version = self.schema_version()
+        while version < target:
+            name, statements = MIGRATIONS[version]
+            with self.engine.begin() as conn:
+                for stmt in statements:
+                    conn.exec_driver_sql(stmt)
+                version += 1
+                self._set_meta(conn, schema_version=str(version), **{f"migration_{version:03d}": name})
+        return version
+
+    # -- meta ----------------------------------------------------------------------------------------
+    def meta(self) -> dict[str, str]:
+        """All meta keys: schema_version, model, dim, faiss_file, index_version, index_type, recall_at_10."""
+        with self.engine.connect() as conn:
+            return {k: v for k, v in conn.execute(sa.select(meta_table.c.key, meta_table.c.value))}
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == key)).first()
+        return row[0] if row else default
+
+    @staticmethod
+    def _set_meta(conn: sa.Connection, **values: str | None) -> None:
+        for key, value in values.items():
+            conn.execute(sa.delete(meta_table).where(meta_table.c.key == key))
+            if value is not None:
+                conn.execute(sa.insert(meta_table).values(key=key, value=value))
+
+    def set_meta(self, **values: str | None) -> None:
+        """Set (or with None, delete) meta keys in one transaction."""
+        with self.engine.begin() as conn:
+            self._set_meta(conn, **values)
+
+    # -- read API (search, server, info) -------------------------------------------------------------
+    @property
+    def model_name(self) -> str | None:
+        return self.get_meta("model")
+
+    @property
+    def dim(self) -> int | None:
+        value = self.get_meta("dim")
+        return int(value) if value else None
+
+    def index_version(self) -> int:
+        """Version stamp of the current FAISS file; cheap to poll for hot-swapping (one tiny query)."""
+        return int(self.get_meta("index_version", "0") or 0)
+
+    def faiss_path(self) -> Path | None:
+        """The FAISS file named in meta (opened by readers), or None before the first build finished."""
+        name = self.get_meta("faiss_file")
+        return self.dir / name if name else None
+
+    def roots(self) -> dict[int, str]:
+        if self._roots is None or not self.readonly:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(roots_table.c.id, roots_table.c.path)).all()
+            self._roots = {rid: os.fsdecode(path) for rid, path in rows}
+        return self._roots
+
+    def _record(self, row: sa.Row[Any]) -> ImageRecord:
+        roots = self.roots()
+        if row.root_id not in roots:
+            self._roots = None
+            roots = self.roots()
+        root = roots[row.root_id]
+        rel = os.fsdecode(row.relpath)
+        return ImageRecord(
+            row.id,
+            os.path.join(root, rel),
+            root,
+            rel,
+            row.size,
+            row.mtime_ns,
+            row.width,
+            row.height,
+            row.format,
+            row.taken_at,
+            row.camera_make,
+            row.camera_model,
+            row.indexed_at,
+            row.error,
+        )
+
+    def get_images(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        """Records for the given ids (those that exist), keyed by id."""
+        ids = [int(i) for i in ids]
+        out: dict[int, ImageRecord] = {}
+        cols = [images_table.c[c] for c in IMAGE_COLUMNS]
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                for row in conn.execute(sa.select(*cols).where(images_table.c.id.in_(chunk))):
+                    out[row.id] = self._record(row)
+        return out
+
+    def get_image(self, image_id: int) -> ImageRecord | None:
+        return self.get_images([image_id]).get(int(image_id))
+
+    def find_path(self, path: str | os.PathLike[str]) -> ImageRecord | None:
+        """The record of an indexed file by its path (absolute or relative to cwd), or None."""
+        path = os.path.abspath(os.fspath(path))
+        for rid, root in self.roots().items():
+            if path.startswith(root.rstrip(os.sep) + os.sep):
+                rel = os.fsencode(os.path.relpath(path, root))
+                cols = [images_table.c[c] for c in IMAGE_COLUMNS]
+                with self.engine.connect() as conn:
+                    row = conn.execute(
+                        sa.select(*cols).where(images_table.c.root_id == rid, images_table.c.relpath == rel)
+                    ).first()
+                if row is not None:
+                    return self._record(row)
+        return None
+
+    def iter_images(self, *, errors: bool | None = None) -> Iterator[ImageRecord]:
+        """All records in id order; errors=True only failed files, False only indexed ones."""
+        cols = [images_table.c[c] for c in IMAGE_COLUMNS]
+        query = sa.select(*cols).order_by(images_table.c.id)
+        if errors is True:
+            query = query.where(images_table.c.error.is_not(None))
+        elif errors is False:
+            query = query.where(images_table.c.error.is_(None))
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                yield self._record(row)
+
+    def get_embeddings(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 (len(ids), dim) embeddings in the given order; raises KeyError for an id without one."""
+        dim = self.dim or 0
+        found: dict[int, bytes] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start : start + 500]]
+                query = sa.select(images_table.c.id, images_table.c.embedding).where(
+                    images_table.c.id.in_(chunk), images_table.c.embedding.is_not(None)
+                )
+                found.update((r[0], r[1]) for r in conn.execute(query))
+        missing = [i for i in ids if int(i) not in found]
+        if missing:
+            raise KeyError(missing[0])
+        return decode_embeddings([found[int(i)] for i in ids], dim)
+
+    def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All stored embeddings in id order, as (ids int64, vectors float32) chunks."""
+        dim = self.dim or 0
+        last = -1
+        with self.engine.connect() as conn:
+            while True:
+                rows = conn.execute(
+                    sa.select(images_table.c.id, images_table.c.embedding)
+                    .where(images_table.c.embedding.is_not(None), images_table.c.id > last)
+                    .order_by(images_table.c.id)
+                    .limit(batch)
+                ).all()
+                if not rows:
+                    return
+                last = rows[-1][0]
+                ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                yield ids, decode_embeddings([r[1] for r in rows], dim)
+
+    def all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of every embedded image, for (re)building the FAISS index."""
+        parts = list(self.iter_embeddings())
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim or 0), dtype=np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def counts(self) -> dict[str, int]:
+        """images (embedded), errors."""
+        with self.engine.connect() as conn:
+            embedded = conn.execute(
+                sa.select(sa.func.count()).where(images_table.c.embedding.is_not(None))
+            ).scalar_one()
+            errors = conn.execute(
+                sa.select(sa.func.count()).where(images_table.c.error.is_not(None))
+            ).scalar_one()
+        return {"images": int(embedded), "errors": int(errors)}
+
+    def info(self) -> dict[str, Any]:
+        """Summary for `ruclip-index info`: counts, model, index type, dim, recall, size on disk."""
+        meta = self.meta()
+        size = sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
+        recall = meta.get("recall_at_10")
+        return {
+            "index": str(self.dir),
+            **self.counts(),
+            "roots": sorted(self.roots().values()),
+            "model": meta.get("model"),
+            "dim": int(meta["dim"]) if meta.get("dim") else None,
+            "index_type": meta.get("index_type"),
+            "index_params": json.loads(meta.get("index_params") or "{}"),
+            "recall_at_10": float(recall) if recall else None,
+            "faiss_file": meta.get("faiss_file"),
+            "index_version": int(meta.get("index_version", "0") or 0),
+            "schema_version": int(meta.get("schema_version", "0") or 0),
+            "size_bytes": size,
+        }
+
+    # -- write API (indexer only, under the lock) ----------------------------------------------------
+    def root_id(self, root: str) -> int:
+        """Id of a root folder, created if new."""
+        key = os.fsencode(root)
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(roots_table.c.id).where(roots_table.c.path == key)).first()
+            if row:
+                return int(row[0])
+            return int(conn.execute(sa.insert(roots_table).values(path=key)).inserted_primary_key[0])
+
+    def scan_state(self) -> dict[tuple[int, bytes], tuple[int, int, int, bytes | None, bool, bool]]:
+        """(root_id, relpath) -> (id, size, mtime_ns, content_hash, has_embedding, has_error) for all rows."""
+        query = sa.select(
+            images_table.c.root_id,
+            images_table.c.relpath,
+            images_table.c.id,
+            images_table.c.size,
+            images_table.c.mtime_ns,
+            images_table.c.content_hash,
+            images_table.c.embedding.is_not(None),
+            images_table.c.error.is_not(None),
+        )
+        with self.engine.connect() as conn:
+            return {
+                (r[0], r[1]): (r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7])) for r in conn.execute(query)
+            }
+
+    def embedding_by_hash(self, content_hash: bytes) -> bytes | None:
+        """A stored float16 embedding of a file with this content, if any (moves, renames, duplicates)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(images_table.c.embedding)
+                .where(images_table.c.content_hash == content_hash, images_table.c.embedding.is_not(None))
+                .limit(1)
+            ).first()
+        return row[0] if row else None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """One write transaction that also bumps `data_version`, so the FAISS file is known to be stale."""
+        try:
+            with self.engine.begin() as conn:
+                row = conn.execute(
+                    sa.select(meta_table.c.value).where(meta_table.c.key == "data_version")
+                ).first()
+                yield conn
+                self._set_meta(conn, data_version=str(int(row[0]) + 1 if row else 1))
+        except sa.exc.OperationalError as e:
+            raise StorageError(f"Cannot write the index database {str(self.db_path)!r}: {e.orig}.") from e
+
+    @staticmethod
+    def upsert_image(conn: sa.Connection, values: dict[str, Any], image_id: int | None = None) -> int:
+        """Insert a row, or update row `image_id` (keeping its id, hence its FAISS id)."""
+        values = {**values, "indexed_at": values.get("indexed_at", time.time())}
+        if image_id is None:
+            return int(conn.execute(sa.insert(images_table).values(**values)).inserted_primary_key[0])
+        conn.execute(sa.update(images_table).where(images_table.c.id == image_id).values(**values))
+        return image_id
+
+    @staticmethod
+    def delete_images(conn: sa.Connection, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        for start in range(0, len(ids), 500):
+            conn.execute(sa.delete(images_table).where(images_table.c.id.in_(ids[start : start + 500])))
+
+    def data_version(self) -> int:
+        return int(self.get_meta("data_version", "0") or 0)
+
+
+class IndexLock:
+    """Exclusive write lock on an index directory (flock on `.lock`; the OS drops it if the process dies)."""
+
+    def __init__(self, index_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(index_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> IndexLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise IndexLockedError(
+                f"Index {str(self.path.parent)!r} is being built by another process; "
+                "wait for it to finish (or stop it) and run again."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> IndexLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
