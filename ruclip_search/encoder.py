@@ -30,9 +30,7 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 class RuCLIP:
     """A RuCLIP model ready for inference: tokenizer, preprocessing and the towers asked for."""
 
-    def __init__(
-        self, net: CLIP, tokenizer: BPETokenizer, preprocessor: Preprocessor, name: str, device: torch.device
-    ):
+    def __init__(self, net: CLIP, tokenizer: BPETokenizer, preprocessor: Preprocessor, name: str, device: torch.device):
         self.net, self.tokenizer, self.preprocessor = net, tokenizer, preprocessor
         self.name, self.device = name, device
         self.config = net.config

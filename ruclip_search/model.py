@@ -123,17 +123,13 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(
-        self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int
-    ):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(
-            scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width)
-        )
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, causal=False)
         self.ln_post = LayerNorm(width)
@@ -169,9 +165,7 @@ class CLIP(nn.Module):
                 output_dim=c.embed_dim,
             )
         if "text" in parts:
-            self.transformer = Transformer(
-                c.transformer_width, c.transformer_layers, c.transformer_heads, causal=True
-            )
+            self.transformer = Transformer(c.transformer_width, c.transformer_layers, c.transformer_heads, causal=True)
             self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
             self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
             self.ln_final = LayerNorm(c.transformer_width)
@@ -238,9 +232,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as e:
-            raise CheckpointError(
-                f"{path} is not a readable safetensors file ({e}): download it again"
-            ) from e
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}): download it again") from e
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -271,9 +263,7 @@ def read_config(folder: str | os.PathLike) -> CLIPConfig:
         raise CheckpointError(f"{path} is not a valid RuCLIP config ({e}): download it again") from e
 
 
-def from_pretrained(
-    name_or_path: str | os.PathLike, parts: Iterable[str] = PARTS
-) -> tuple[CLIP, BPETokenizer, str]:
+def from_pretrained(name_or_path: str | os.PathLike, parts: Iterable[str] = PARTS) -> tuple[CLIP, BPETokenizer, str]:
     """Load a released model by name (hub cache) or a local folder: (network in eval mode, tokenizer, name)."""
     folder = registry.resolve(name_or_path)
     config = read_config(folder)

@@ -23,24 +23,12 @@ _LARGE_VISION = dict(embed_dim=768, vision_layers=24, vision_width=1024)
 # Architecture of each released checkpoint (its config.json wins when present). Used to build
 # random-weight models of the true size for benchmarks and tests without downloading anything.
 CONFIGS: dict[str, dict] = {
-    "ruclip-vit-base-patch32-224": dict(
-        **_BASE_VISION, **_BASE_TEXT, image_resolution=224, vision_patch_size=32
-    ),
-    "ruclip-vit-base-patch16-224": dict(
-        **_BASE_VISION, **_BASE_TEXT, image_resolution=224, vision_patch_size=16
-    ),
-    "ruclip-vit-large-patch14-224": dict(
-        **_LARGE_VISION, **_LARGE_TEXT, image_resolution=224, vision_patch_size=14
-    ),
-    "ruclip-vit-large-patch14-336": dict(
-        **_LARGE_VISION, **_LARGE_TEXT, image_resolution=336, vision_patch_size=14
-    ),
-    "ruclip-vit-base-patch32-384": dict(
-        **_BASE_VISION, **_BASE_TEXT, image_resolution=384, vision_patch_size=32
-    ),
-    "ruclip-vit-base-patch16-384": dict(
-        **_BASE_VISION, **_BASE_TEXT, image_resolution=384, vision_patch_size=16
-    ),
+    "ruclip-vit-base-patch32-224": dict(**_BASE_VISION, **_BASE_TEXT, image_resolution=224, vision_patch_size=32),
+    "ruclip-vit-base-patch16-224": dict(**_BASE_VISION, **_BASE_TEXT, image_resolution=224, vision_patch_size=16),
+    "ruclip-vit-large-patch14-224": dict(**_LARGE_VISION, **_LARGE_TEXT, image_resolution=224, vision_patch_size=14),
+    "ruclip-vit-large-patch14-336": dict(**_LARGE_VISION, **_LARGE_TEXT, image_resolution=336, vision_patch_size=14),
+    "ruclip-vit-base-patch32-384": dict(**_BASE_VISION, **_BASE_TEXT, image_resolution=384, vision_patch_size=32),
+    "ruclip-vit-base-patch16-384": dict(**_BASE_VISION, **_BASE_TEXT, image_resolution=384, vision_patch_size=16),
 }
 MODELS = tuple(CONFIGS)
 

@@ -18,9 +18,7 @@ import pytest
 def _ruclip_dir() -> Path:
     spec = importlib.util.find_spec("ruclip")
     if spec is None or not spec.submodule_search_locations:
-        pytest.fail(
-            "the reference is missing: pip install --no-deps ruclip==0.0.2 (the README's test command does)"
-        )
+        pytest.fail("the reference is missing: pip install --no-deps ruclip==0.0.2 (the README's test command does)")
     return Path(list(spec.submodule_search_locations)[0])
 
 
