@@ -1,0 +1,83 @@
+"""Shared test fixtures: photo folders of synthetic images, a fast stand-in model, the tiny fixture model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+TINY_MODEL = TESTS / "fixtures" / "tiny-ruclip"
+for p in (str(ROOT), str(TESTS)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+class StandInModel:
+    """Deterministic model with RuCLIP's indexing interface: pooled pixels through a fixed projection.
+
+    Cheap (no weights), so pipeline tests run in milliseconds; `calls`/`encoded` count model work.
+    """
+
+    def __init__(self, dim: int = 32, image_size: int = 32, name: str = "stand-in") -> None:
+        from ruclip_search.preprocess import Preprocessor
+
+        self.name, self.dim, self.image_size, self.device = name, dim, image_size, "cpu"
+        self.preprocessor = Preprocessor(image_size=image_size)
+        self.proj = np.random.default_rng(0).normal(size=(3 * 16, dim)).astype(np.float32)
+        self.calls = 0
+        self.encoded = 0
+
+    def encode_pixels(self, pixels) -> np.ndarray:
+        import torch
+
+        self.calls += 1
+        self.encoded += len(pixels)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(pixels.float(), 4).reshape(len(pixels), -1).numpy()
+        out = pooled @ self.proj
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_photos(folder: Path, n: int = 12, size: int = 48, seed: int = 0) -> list[Path]:
+    """Write `n` JPEG/PNG drawings of the fixture classes into `folder`; returns their paths."""
+    from fixture_images import FIXTURE_CLASSES, draw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        cls = FIXTURE_CLASSES[i % len(FIXTURE_CLASSES)]
+        path = folder / f"{i:03d} {cls}.{'png' if i % 3 == 0 else 'jpg'}"
+        draw(cls, seed=seed + i, size=size).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def stand_in_model() -> StandInModel:
+    return StandInModel()
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A folder of 12 synthetic photos (one per fixture class)."""
+    folder = tmp_path / "photos"
+    make_photos(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_model_path() -> Path:
+    """The trained tiny RuCLIP fixture folder (skips when it is not there yet)."""
+    if not (TINY_MODEL / "config.json").is_file():
+        pytest.skip("tests/fixtures/tiny-ruclip is missing: run scripts/make_fixture_model.py")
+    return TINY_MODEL
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
