@@ -1,0 +1,251 @@
+"""`ruclip-index`: the command line. The only module that prints for humans or exits.
+
+Add a command with `@main.command()` and reuse the shared option decorators (`index_option`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import RuclipSearchError
+
+F = Callable[..., Any]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Turns library errors (and Ctrl-C, disk full) into one-line messages and non-zero exits."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RuclipSearchError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted; what was committed is kept, run the same command again to finish.", 130)
+        except OSError as e:
+            _fail(f"{e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}.")
+
+
+# -- shared options ----------------------------------------------------------------------------------
+def index_option(required: bool = False) -> Callable[[F], F]:
+    """--index DIR (default: chosen by the command, e.g. indexes/<first photos folder> for build)."""
+    return click.option(
+        "--index",
+        "index",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        required=required,
+        help="Index folder (default: indexes/<name of the first PHOTOS_DIR>, or the only index there).",
+    )
+
+
+def model_option(f: F) -> F:
+    return click.option(
+        "--model",
+        default=None,
+        help="Model name or folder (default: the index's model, else ruclip-vit-large-patch14-224).",
+    )(f)
+
+
+def device_option(f: F) -> F:
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(f)
+
+
+def quiet_option(f: F) -> F:
+    return click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(f)
+
+
+def index_type_option(default: str | None) -> Callable[[F], F]:
+    return click.option(
+        "--type",
+        "index_type",
+        type=click.Choice(["auto", "flat", "hnsw", "ivf", "ivfpq"]),
+        default=default,
+        show_default=default is not None,
+        help="FAISS index type: auto is exact below 50k images, else ANN with recall@10 >= 0.95.",
+    )
+
+
+def resolve_index(index: Path | None) -> Path:
+    """The --index given, else the only index under ./indexes (for commands that read an index)."""
+    if index is not None:
+        return index
+    found = sorted(p.parent for p in Path("indexes").glob("*/index.db"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise RuclipSearchError("No index found under ./indexes: build one with `ruclip-index build PHOTOS_DIR`.")
+    names = ", ".join(str(p) for p in found)
+    raise RuclipSearchError(f"Several indexes under ./indexes ({names}): choose one with --index.")
+
+
+# -- progress ----------------------------------------------------------------------------------------
+class _Progress:
+    """Renders the library's progress callbacks: tqdm on a terminal, plain log lines otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.bar: Any = None
+        self.last_logged = -1
+        self.log = logging.getLogger("ruclip_search")
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if self.quiet:
+            return
+        if stage == "encode":
+            if self.tty:
+                if self.bar is None:
+                    from tqdm import tqdm
+
+                    self.bar = tqdm(total=total, unit="img", desc="indexing", file=sys.stderr)
+                self.bar.update(done - self.bar.n)
+            elif done == total or done - self.last_logged >= max(100, (total or 0) // 20):
+                self.last_logged = done
+                click.echo(f"indexing: {done}/{total} images", err=True)
+        elif stage == "scan" and total is not None:
+            click.echo(f"scanned {done} files", err=True)
+        elif stage == "index" and done == 0:
+            self.close()
+            click.echo("writing the FAISS index", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# -- commands ----------------------------------------------------------------------------------------
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="ruclip-index")
+def main() -> None:
+    """Find photos by a Russian sentence: RuCLIP embeddings in a FAISS index with SQLite metadata."""
+
+
+@main.command()
+@click.argument("photos_dir", nargs=-1, required=True, type=click.Path(path_type=Path))
+@index_option()
+@model_option
+@device_option
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per model batch.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (default: CPUs - 1).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable).")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
+@click.option("--max-pixels", type=click.IntRange(1), default=None, help="Skip images larger than this (pixels).")
+@click.option("--rebuild", is_flag=True, help="Re-encode everything (needed to switch models).")
+@index_type_option(None)
+@quiet_option
+@json_option
+def build(
+    photos_dir: tuple[Path, ...],
+    index: Path | None,
+    model: str | None,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    exclude: tuple[str, ...],
+    follow_symlinks: bool,
+    max_pixels: int | None,
+    rebuild: bool,
+    index_type: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Index PHOTOS_DIR... (new and changed files only; safe to interrupt and re-run)."""
+    from .indexer import DEFAULT_MAX_PIXELS
+    from .indexer import build as run_build
+
+    progress = _Progress(quiet or as_json)
+    try:
+        report = run_build(
+            list(photos_dir), index=index, model=model, device=device, batch_size=batch_size, workers=workers,
+            exclude=exclude, follow_symlinks=follow_symlinks, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            rebuild=rebuild, index_type=index_type, progress=progress,
+        )  # fmt: skip
+    finally:
+        progress.close()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False))
+    elif not quiet:
+        click.echo(
+            f"{report.added} added, {report.updated} updated, {report.moved} moved, {report.removed} removed, "
+            f"{report.unchanged} unchanged, {report.failed} failed in {report.seconds:.1f} s "
+            f"({report.images_per_s:.1f} images/s) -> {report.index}"
+        )
+        if report.failed:
+            click.echo(f"see the failures with: ruclip-index info --errors --index {report.index}", err=True)
+
+
+@main.command()
+@index_option()
+@click.option("--errors", "show_errors", is_flag=True, help="List files that could not be indexed, with reasons.")
+@json_option
+def info(index: Path | None, show_errors: bool, as_json: bool) -> None:
+    """Show an index: images, errors, model, index type, dimension, recall@10, size on disk."""
+    from .store import Store
+
+    with Store.open(resolve_index(index)) as store:
+        data = store.info()
+        errors = [{"path": r.path, "error": r.error} for r in store.iter_images(errors=True)] if show_errors else None
+    if as_json:
+        if errors is not None:
+            data["error_files"] = errors
+        click.echo(json.dumps(data, ensure_ascii=False))
+        return
+    recall = data["recall_at_10"]
+    lines = [
+        f"index:      {data['index']}",
+        f"images:     {data['images']}",
+        f"errors:     {data['errors']}",
+        f"model:      {data['model']}",
+        f"dimension:  {data['dim']}",
+        f"index type: {data['index_type']} {data['index_params'] or ''}".rstrip(),
+        f"recall@10:  {recall if recall is not None else '-'}",
+        f"size:       {data['size_bytes'] / 1e6:.1f} MB",
+        f"roots:      {', '.join(data['roots'])}",
+    ]
+    click.echo("\n".join(lines))
+    if errors:
+        click.echo("")
+        for e in errors:
+            click.echo(f"{os.fsencode(e['path']).decode('utf-8', 'replace')}: {e['error']}")
+
+
+@main.command()
+@index_option()
+@index_type_option("auto")
+@quiet_option
+@json_option
+def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> None:
+    """Rebuild the FAISS index from the stored embeddings (no model run), e.g. to change its type."""
+    from .indexer import reindex as run_reindex
+
+    result = run_reindex(resolve_index(index), index_type)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+    elif not quiet:
+        click.echo(
+            f"{result['type']} index of {result['n']} vectors, recall@10 {result['recall_at_10']} {result['params']}"
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
