@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import errors
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "load_model", "build", "Index", "Hit", "zero_shot", "errors"]
@@ -29,8 +31,4 @@ def __getattr__(name: str) -> Any:
 
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
         return getattr(module, name)
-    if name == "errors":
-        from . import errors
-
-        return errors
     raise AttributeError(f"module 'ruclip_search' has no attribute {name!r}")
