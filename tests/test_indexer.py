@@ -1,0 +1,162 @@
+"""indexer.build: incremental counts, content-hash reuse, bad input recorded, lock, model checks, FAISS agreement."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import StandInModel, make_photos
+
+from ruclip_search import faiss_index
+from ruclip_search.errors import IndexLockedError, ModelMismatchError
+from ruclip_search.indexer import CRASH_HOOK_ENV, WORKER_DIED, build, reindex
+from ruclip_search.store import IndexLock, Store
+
+
+def snapshot(index: Path) -> dict[str, np.ndarray]:
+    """path -> embedding of every indexed image; also checks FAISS and SQLite agree."""
+    with Store.open(index) as store:
+        ids, vecs = store.all_embeddings()
+        records = store.get_images(ids.tolist())
+        faiss = faiss_index.load(store.faiss_path())
+        assert faiss.ntotal == len(ids)
+        import faiss as faiss_lib
+
+        assert sorted(faiss_lib.vector_to_array(faiss.id_map).tolist()) == sorted(ids.tolist())
+        for i, v in zip(ids.tolist(), vecs, strict=True):
+            np.testing.assert_allclose(faiss.reconstruct(i), v)
+        paths = [records[i].path for i in ids.tolist()]
+    assert len(set(paths)) == len(paths)
+    return dict(zip(paths, vecs, strict=True))
+
+
+def test_incremental_counts_and_reuse(tmp_path: Path, photos: Path) -> None:
+    model, index = StandInModel(), tmp_path / "idx"
+    r = build(photos, index=index, model=model, workers=0, batch_size=5)
+    assert (r.added, r.failed, r.encoded) == (12, 0, 12) and model.encoded == 12
+    assert r.index_type == "flat" and r.recall_at_10 == 1.0
+    first = snapshot(index)
+
+    r = build(photos, index=index, model=model, workers=0)
+    assert (r.added, r.updated, r.moved, r.removed, r.unchanged, r.encoded) == (0, 0, 0, 0, 12, 0)
+
+    files = sorted(photos.iterdir())
+    files[0].rename(photos / "renamed.png")  # move
+    shutil.copy(files[1], photos / "copy.jpg")  # exact duplicate
+    files[2].unlink()  # delete
+    make_photos(tmp_path / "new", 1, seed=100)[0].rename(photos / "brand new.png")  # add
+    from fixture_images import draw
+
+    draw("синий круг", seed=55, size=48).save(files[3])  # modify
+    os.utime(files[4], ns=(1, 1))  # touch only: same content
+    r = build(photos, index=index, model=model, workers=0)
+    got = (r.added, r.updated, r.moved, r.removed, r.unchanged, r.failed, r.encoded, r.reused)
+    assert got == (2, 1, 1, 1, 9, 0, 2, 1)  # the touched file counts as unchanged
+    assert model.encoded == 14
+    now = snapshot(index)
+    np.testing.assert_array_equal(now[str(photos / "renamed.png")], first[str(files[0])])
+    np.testing.assert_array_equal(now[str(photos / "copy.jpg")], first[str(files[1])])
+    assert str(files[2]) not in now and len(now) == 13
+
+
+def test_bad_inputs_are_recorded_not_fatal(tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = sorted(photos.iterdir())[1].read_bytes()
+    (photos / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (photos / "zero.jpg").write_bytes(b"")
+    (photos / "text.jpg").write_bytes(b"this is not a picture at all")
+    from fixture_images import draw
+
+    draw("красный круг", size=(200, 100)).save(photos / "bomb.png")
+    (photos / "crash.jpg").write_bytes(good + b"x")
+    (photos / "vanish.jpg").write_bytes(good + b"y")
+    monkeypatch.setenv(CRASH_HOOK_ENV, "crash.jpg")
+
+    import ruclip_search.indexer as indexer
+
+    real_walk = indexer.walk
+
+    def walk_then_delete(*args, **kw):
+        for entry in real_walk(*args, **kw):
+            yield entry
+            if entry.relpath == "vanish.jpg":
+                os.unlink(entry.path)
+
+    monkeypatch.setattr(indexer, "walk", walk_then_delete)
+    index = tmp_path / "idx"
+    r = build(photos, index=index, model=StandInModel(), workers=2, max_pixels=10_000)
+    reasons = dict((os.path.basename(p), why) for p, why in r.errors)
+    assert r.failed == 6 and r.added == 12, reasons
+    assert reasons["crash.jpg"] == WORKER_DIED
+    assert "vanish" in reasons["vanish.jpg"]
+    assert "0 bytes" in reasons["zero.jpg"]
+    assert set(reasons) == {"truncated.jpg", "zero.jpg", "text.jpg", "bomb.png", "crash.jpg", "vanish.jpg"}
+    with Store.open(index) as store:
+        assert store.counts() == {"images": 12, "errors": 6}
+    monkeypatch.setattr(indexer, "walk", real_walk)
+    monkeypatch.delenv(CRASH_HOOK_ENV)
+
+    # failures are not retried until the file changes; then they are
+    r = build(photos, index=index, model=StandInModel(), workers=0, max_pixels=10_000)
+    assert (r.failed, r.unchanged, r.removed) == (0, 17, 1)
+    (photos / "truncated.jpg").write_bytes(good)
+    r = build(photos, index=index, model=StandInModel(), workers=0, max_pixels=10_000)
+    assert (r.updated, r.failed, r.reused) == (1, 0, 1)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file(tmp_path: Path, photos: Path) -> None:
+    locked = photos / "locked.jpg"
+    shutil.copy(sorted(photos.iterdir())[1], locked)
+    locked.chmod(0)
+    r = build(photos, index=tmp_path / "idx", model=StandInModel(), workers=0)
+    assert dict((os.path.basename(p), w) for p, w in r.errors) == {"locked.jpg": "permission denied"}
+
+
+def test_lock_and_model_checks(tmp_path: Path, photos: Path) -> None:
+    index = tmp_path / "idx"
+    with IndexLock(index):
+        with pytest.raises(IndexLockedError):
+            build(photos, index=index, model=StandInModel(), workers=0)
+    build(photos, index=index, model=StandInModel(), workers=0)
+    with pytest.raises(ModelMismatchError, match="--rebuild"):
+        build(photos, index=index, model=StandInModel(name="other"), workers=0)
+    other = StandInModel(name="other", dim=16)
+    r = build(photos, index=index, model=other, workers=0, rebuild=True)
+    assert r.added == 12 and other.encoded == 12
+    with Store.open(index) as store:
+        assert store.model_name == "other" and store.dim == 16
+
+
+def test_reindex_types(tmp_path: Path) -> None:
+    folder = tmp_path / "p"
+    make_photos(folder, 24, size=24)
+    index = tmp_path / "idx"
+    build(folder, index=index, model=StandInModel(), workers=0)
+    before = snapshot(index)
+    for kind in ("hnsw", "ivf", "flat"):
+        info = reindex(index, kind)
+        assert info["n"] == 24 and info["recall_at_10"] >= 0.95
+        assert len(list(index.glob("faiss-*.index"))) == 1
+        assert snapshot(index).keys() == before.keys()
+
+
+def test_fixture_model_finds_each_class(tmp_path: Path, tiny_model_path: Path) -> None:
+    from fixture_images import FIXTURE_CLASSES
+
+    from ruclip_search.encoder import load_model
+
+    folder = tmp_path / "p"
+    make_photos(folder, 2 * len(FIXTURE_CLASSES), size=64)
+    index = tmp_path / "idx"
+    r = build(folder, index=index, model=str(tiny_model_path), workers=0, device="cpu")
+    assert r.added == 24 and r.failed == 0
+    model = load_model(tiny_model_path, device="cpu", parts=("text",))
+    with Store.open(index) as store:
+        fx = faiss_index.load(store.faiss_path())
+        _, ids = faiss_index.search(fx, model.encode_text(list(FIXTURE_CLASSES)), 1)
+        top = store.get_images(ids[:, 0].tolist())
+        for cls, hit in zip(FIXTURE_CLASSES, ids[:, 0], strict=True):
+            assert cls in top[int(hit)].relpath
