@@ -425,6 +425,11 @@ def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device
             "omit --model to use the index's model, or pass --rebuild to re-encode everything."
         )
     name = requested or stored_model or DEFAULT_MODEL
+    if isinstance(model, (str, os.PathLike)):
+        from .registry import CONFIGS, resolve
+
+        if os.fspath(model) not in CONFIGS:
+            resolve(model)  # a missing or incomplete model folder fails now, before any work
     if model is None:
         model = name
     report.model = name
