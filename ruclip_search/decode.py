@@ -76,8 +76,13 @@ def open_image(
 def image_info(source: Source) -> dict[str, Any]:
     """Header-only metadata: width, height (after EXIF orientation), format, taken_at (EXIF DateTimeOriginal,
     timezone-aware when OffsetTimeOriginal is set), camera_make, camera_model, orientation (EXIF 1..8)."""
-    with _opened(source) as im:
-        return _info(im)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns about corrupt EXIF and the like: nothing a caller can act on
+        with _opened(source) as im:
+            try:
+                return _info(im)
+            except Exception as exc:
+                raise ImageError(_decode_reason(exc, im.format or "image")) from exc
 
 
 def decode(
@@ -92,25 +97,29 @@ def decode(
     ``orient=False`` leaves the EXIF orientation for the caller to apply (``info["orientation"]``), so it can
     transpose a small result instead of the large decoded image.
     """
-    with _opened(source, max_pixels) as im:
-        info = _info(im)
-        full_size = im.size
-        fmt = im.format or "image"
-        scale = 1
-        try:
-            if draft_size and not isinstance(source, Image.Image):
-                full_width = im.size[0]
-                drafted = im.draft("RGB", (draft_size, draft_size))  # None unless a JPEG that can shrink
-                if drafted is not None:
-                    scale = round(full_width / drafted[1][2])
-            im.load()
-            rgb = _to_rgb(im)
-            if orient:
-                rgb = transpose(rgb, info["orientation"])
-        except ImageError:
-            raise
-        except Exception as exc:
-            raise ImageError(_decode_reason(exc, fmt)) from exc
+    with warnings.catch_warnings():
+        # PIL warns about corrupt EXIF, bombs (the cap is checked on the header) and the like: not actionable.
+        warnings.simplefilter("ignore")
+        with _opened(source, max_pixels) as im:
+            fmt = im.format or "image"
+            full_size = im.size
+            scale = 1
+            try:
+                info = _info(im)
+                if draft_size and not isinstance(source, Image.Image):
+                    drafted = im.draft("RGB", (draft_size, draft_size))  # None unless a JPEG that can shrink
+                    if drafted is not None:
+                        scale = round(full_size[0] / drafted[1][2])
+                im.load()
+                rgb = _to_rgb(im)
+                if orient:
+                    rgb = transpose(rgb, info["orientation"])
+            except ImageError:
+                raise
+            except Image.DecompressionBombError as exc:
+                raise ImageError(_bomb_reason(str(exc), max_pixels)) from exc
+            except Exception as exc:
+                raise ImageError(_decode_reason(exc, fmt)) from exc
     return Decoded(rgb, info, scale, full_size)
 
 
@@ -130,9 +139,7 @@ class _opened:
             fp = self._file(source)
             _lift_pil_limit(self.max_pixels)
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    im = Image.open(fp)
+                im = Image.open(fp)
             except Image.DecompressionBombError as exc:
                 self.close()
                 raise ImageError(_bomb_reason(str(exc), self.max_pixels)) from exc
@@ -203,7 +210,7 @@ def _decode_reason(exc: BaseException, fmt: str) -> str:
         return "file vanished (not found)"
     if isinstance(exc, PermissionError):
         return "permission denied"
-    if "truncated" in text or isinstance(exc, EOFError) or "premature end" in text.lower():
+    if "truncated" in text.lower() or isinstance(exc, EOFError) or "premature end" in text.lower():
         return f"truncated {fmt}"
     first_line = text.splitlines()[0][:120] if text else type(exc).__name__
     return f"corrupt {fmt} ({first_line})"

@@ -3,8 +3,9 @@
 Usage: python scripts/bench_preprocess.py [DIR] [--runs N] [--size S]
 DIR defaults to bench-data/wallpapers (fill it with scripts/get_wallpapers.sh); every JPEG under it is used.
 
-Throughput is images/s in one process with torch limited to one thread, the median of N runs (default 3),
-each run opening and preprocessing every file. "draft decode only" is PIL open + draft(2 x S) + load: the
+Throughput is images per CPU-second (process time, so per core and robust to other load on the machine) in
+one process with torch limited to one thread, the median of N runs (default 3), each run opening and
+preprocessing every file. "draft decode only" is PIL open + draft(2 x S) + load: the
 floor that reduced-scale decoding sets. PSNR is over un-normalised 0..1 pixel values, 10 log10(1 / MSE),
 against the reference transform applied to the same (EXIF-oriented) full decode.
 """
@@ -56,14 +57,17 @@ def reference_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor
             module.yttm.BPE = real
 
 
-def images_per_second(fn: Callable[[Path], object], paths: list[Path], runs: int) -> float:
-    times = []
+def images_per_second(cases: dict[str, Callable[[Path], object]], paths: list[Path], runs: int) -> dict[str, float]:
+    """Images per CPU-second of each case (median over runs); runs interleave the cases so that load from
+    other processes on the machine affects them alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(runs):
-        start = time.perf_counter()
-        for path in paths:
-            fn(path)
-        times.append(time.perf_counter() - start)
-    return len(paths) / statistics.median(times)
+        for name, fn in cases.items():
+            start = time.process_time()
+            for path in paths:
+                fn(path)
+            times[name].append(time.process_time() - start)
+    return {name: len(paths) / statistics.median(spent) for name, spent in times.items()}
 
 
 def psnr(ours: torch.Tensor, theirs: torch.Tensor, pre: Preprocessor) -> float:
@@ -103,7 +107,7 @@ def main() -> int:
     }
     for fn in cases.values():  # warm up caches and lazy imports
         fn(paths[0])
-    speed = {name: images_per_second(fn, paths, args.runs) for name, fn in cases.items()}
+    speed = images_per_second(cases, paths, args.runs)
 
     scores: dict[str, list[float]] = {"ours, exact": [], "ours, fast": []}
     for path in paths:
@@ -112,7 +116,9 @@ def main() -> int:
         scores["ours, fast"].append(psnr(fast.load(path), target, fast))
 
     base = speed["reference processor"]
-    print(f"{len(paths)} JPEGs under {args.dir}, one thread, median of {args.runs} runs, image_size {args.size}")
+    print(
+        f"{len(paths)} JPEGs under {args.dir}, one thread, per CPU-second, median of {args.runs} runs, image_size {args.size}"
+    )
     print(f"{'':22} {'images/s':>9} {'x ref':>6} {'PSNR min':>9} {'PSNR median':>12}")
     for name, value in speed.items():
         row = f"{name:22} {value:9.1f} {value / base:6.2f}"
