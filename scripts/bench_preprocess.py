@@ -1,11 +1,11 @@
 """Benchmark image preprocessing on one core: the reference RuCLIPProcessor vs our exact and fast modes.
 
-Usage: python scripts/bench_preprocess.py [DIR] [--runs N] [--size S]
+Usage: python scripts/bench_preprocess.py [DIR] [--runs N] [--size S] [--per-file]
 DIR defaults to bench-data/wallpapers (fill it with scripts/get_wallpapers.sh); every JPEG under it is used.
 
 Throughput is images per CPU-second (process time, so per core and robust to other load on the machine) in
 one process with torch limited to one thread, the median of N runs (default 3), each run opening and
-preprocessing every file. "draft decode only" is PIL open + draft(2 x S) + load: the
+preprocessing every file. "draft decode only" is PIL open + draft(DRAFT_FACTOR x S) + load: the
 floor that reduced-scale decoding sets. PSNR is over un-normalised 0..1 pixel values, 10 log10(1 / MSE),
 against the reference transform applied to the same (EXIF-oriented) full decode.
 """
@@ -57,17 +57,17 @@ def reference_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor
             module.yttm.BPE = real
 
 
-def images_per_second(cases: dict[str, Callable[[Path], object]], paths: list[Path], runs: int) -> dict[str, float]:
-    """Images per CPU-second of each case (median over runs); runs interleave the cases so that load from
-    other processes on the machine affects them alike."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
+def cpu_seconds(cases: dict[str, Callable[[Path], object]], paths: list[Path], runs: int) -> dict[str, list[float]]:
+    """Median CPU seconds per file for each case. Runs interleave the cases so that load from other
+    processes on the machine affects them alike."""
+    spent: dict[str, list[list[float]]] = {name: [[] for _ in paths] for name in cases}
     for _ in range(runs):
         for name, fn in cases.items():
-            start = time.process_time()
-            for path in paths:
+            for n, path in enumerate(paths):
+                start = time.process_time()
                 fn(path)
-            times[name].append(time.process_time() - start)
-    return {name: len(paths) / statistics.median(spent) for name, spent in times.items()}
+                spent[name][n].append(time.process_time() - start)
+    return {name: [statistics.median(per_run) for per_run in per_file] for name, per_file in spent.items()}
 
 
 def psnr(ours: torch.Tensor, theirs: torch.Tensor, pre: Preprocessor) -> float:
@@ -82,6 +82,7 @@ def main() -> int:
     parser.add_argument("dir", nargs="?", type=Path, default=ROOT / "bench-data" / "wallpapers")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--per-file", action="store_true", help="also print CPU ms and PSNR for each file")
     args = parser.parse_args()
 
     paths = sorted(p for p in args.dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg"})
@@ -92,7 +93,7 @@ def main() -> int:
     ref = reference_transform(args.size)
     exact = Preprocessor(image_size=args.size, mode="exact")
     fast = Preprocessor(image_size=args.size, mode="fast")
-    draft = DRAFT_FACTOR * args.size
+    draft = round(DRAFT_FACTOR * args.size)
 
     def draft_only(path: Path) -> None:
         with Image.open(path) as im:
@@ -107,7 +108,8 @@ def main() -> int:
     }
     for fn in cases.values():  # warm up caches and lazy imports
         fn(paths[0])
-    speed = images_per_second(cases, paths, args.runs)
+    seconds = cpu_seconds(cases, paths, args.runs)
+    speed = {name: len(paths) / sum(per_file) for name, per_file in seconds.items()}
 
     scores: dict[str, list[float]] = {"ours, exact": [], "ours, fast": []}
     for path in paths:
@@ -126,6 +128,19 @@ def main() -> int:
             row += f" {min(scores[name]):9.2f} {statistics.median(scores[name]):12.2f}"
         print(row)
     print("PSNR in dB over 0..1 pixels vs the reference on the same full decode (inf = bit-identical)")
+    if args.per_file:
+        print(
+            f"\n{'file':28} {'size':>10} {'prog':>4} {'ref ms':>7} {'fast ms':>7} {'draft ms':>8} {'x ref':>6} {'dB':>6}"
+        )
+        for n, path in enumerate(paths):
+            with Image.open(path) as im:
+                size, progressive = f"{im.width}x{im.height}", "yes" if im.info.get("progressive") else ""
+            ref_ms, fast_ms = 1e3 * seconds["reference processor"][n], 1e3 * seconds["ours, fast"][n]
+            draft_ms = 1e3 * seconds["draft decode only"][n]
+            print(
+                f"{path.name[:28]:28} {size:>10} {progressive:>4} {ref_ms:7.1f} {fast_ms:7.1f} {draft_ms:8.1f}"
+                f" {ref_ms / fast_ms:6.2f} {scores['ours, fast'][n]:6.2f}"
+            )
     return 0
 
 
