@@ -81,3 +81,58 @@ def tiny_model_path() -> Path:
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# -- a built index of fixture photos (search, cli search and server tests) ------------------------------
+SEARCH_PER_CLASS = 4  # images per fixture class in `search_index`
+
+
+def _exif_jpeg(img, path: Path, taken: str) -> None:
+    """Save a JPEG whose EXIF DateTimeOriginal is `taken` ("YYYY:MM:DD HH:MM:SS")."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = taken
+    img.save(path, "JPEG", quality=95, exif=exif)
+
+
+def make_search_photos(folder: Path) -> list[dict]:
+    """12 classes x 4 drawings: seeds 0-1 in a/, 2-3 in b/; even seeds JPEG with EXIF dates, odd seeds PNG.
+
+    Returns one dict per file: path, cls, seed, format, taken (datetime or None). JPEG dates are
+    2021-01-01 + (class index * 4 + seed) days, 12:00.
+    """
+    import datetime as dt
+
+    from fixture_images import FIXTURE_CLASSES, draw
+
+    out = []
+    for ci, cls in enumerate(FIXTURE_CLASSES):
+        for seed in range(SEARCH_PER_CLASS):
+            sub = folder / ("a" if seed < 2 else "b")
+            sub.mkdir(parents=True, exist_ok=True)
+            img = draw(cls, seed=seed, size=64)
+            if seed % 2 == 0:
+                taken = dt.datetime(2021, 1, 1, 12) + dt.timedelta(days=ci * SEARCH_PER_CLASS + seed)
+                path = sub / f"{cls} {seed}.jpg"
+                _exif_jpeg(img, path, taken.strftime("%Y:%m:%d %H:%M:%S"))
+                out.append({"path": str(path), "cls": cls, "seed": seed, "format": "JPEG", "taken": taken})
+            else:
+                path = sub / f"{cls} {seed}.png"
+                img.save(path)
+                out.append({"path": str(path), "cls": cls, "seed": seed, "format": "PNG", "taken": None})
+    return out
+
+
+@pytest.fixture(scope="session")
+def search_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """(index dir, photo list) of `make_search_photos`, built once per session with the tiny model. Read-only."""
+    if not (TINY_MODEL / "config.json").is_file():
+        pytest.skip("tests/fixtures/tiny-ruclip is missing: run scripts/make_fixture_model.py")
+    from ruclip_search.indexer import build
+
+    base = tmp_path_factory.mktemp("search")
+    photos = make_search_photos(base / "photos")
+    report = build(base / "photos", index=base / "index", model=str(TINY_MODEL), workers=0, device="cpu")
+    assert report.added == len(photos) and report.failed == 0
+    return base / "index", photos
