@@ -81,7 +81,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=-1)
+        qkv = self.qkv(x) if hasattr(self, "qkv") else F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.split(C, dim=-1)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -221,6 +222,19 @@ class CLIP(nn.Module):
             ]
         sd = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in drop)}
         self.load_state_dict(sd, strict=True)
+
+
+def quantize_int8(model: CLIP) -> CLIP:
+    """Dynamic int8 linear layers for CPU inference (optional; ~cosine 0.99+ to fp32). Changes the model in place."""
+    import warnings
+
+    for module in model.modules():
+        if isinstance(module, Attention):  # give the fused q/k/v projection an nn.Linear to quantize
+            module.qkv = nn.Linear(module.in_proj_weight.shape[1], module.in_proj_weight.shape[0])
+            module.qkv.weight, module.qkv.bias = module.in_proj_weight, module.in_proj_bias
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks its quantized tensors deprecated; the API still works
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
