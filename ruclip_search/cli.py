@@ -247,5 +247,27 @@ def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> 
         )
 
 
+@main.command()
+@click.option("--index", "indexes", multiple=True, required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Index folder to serve (repeatable; the first is the default, pick others with ?index=NAME).")  # fmt: skip
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback only by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--token", envvar="RUCLIP_SEARCH_TOKEN", default=None,
+              help="Require `Authorization: Bearer TOKEN` (also read from RUCLIP_SEARCH_TOKEN).")  # fmt: skip
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Allow browser pages from ORIGIN to call the API (repeatable; default none).")  # fmt: skip
+@model_option
+@device_option
+def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, cors_origins: tuple[str, ...],
+          model: str | None, device: str) -> None:  # fmt: skip
+    """Serve indexes over HTTP: JSON API (docs at /docs) and a search page at /."""
+    from .server import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    click.echo(f"serving {len(indexes)} index(es) on http://{host}:{port}/ (API docs at /docs)", err=True)
+    run_server(list(indexes), host=host, port=port, token=token or None, cors_origins=cors_origins, model=model,
+               device=device)  # fmt: skip
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
