@@ -109,3 +109,22 @@ def test_registry_configs_build():
         c = CLIPConfig.from_dict(cfg)
         assert c.vision_width // 64 >= 12, name
         assert np.isclose(c.embed_dim, 512) or np.isclose(c.embed_dim, 768)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_close_to_fp32(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ref, ours = reference_and_ours(MID)
+    gen = torch.Generator().manual_seed(5)
+    ids = random_ids(8, MID["vocab_size"], MID["context_length"], gen)
+    px = torch.randn(4, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        t32 = torch.nn.functional.normalize(ours.encode_text(ids), dim=-1)
+        i32 = torch.nn.functional.normalize(ours.encode_image(px), dim=-1)
+        half = ours.to("cuda", dtype)
+        t16 = torch.nn.functional.normalize(half.encode_text(ids.cuda()).float().cpu(), dim=-1)
+        i16 = torch.nn.functional.normalize(half.encode_image(px.cuda()).float().cpu(), dim=-1)
+    assert (t32 * t16).sum(-1).min() > 0.99
+    assert (i32 * i16).sum(-1).min() > 0.99
