@@ -410,8 +410,10 @@ class Index:
             conds.append(images_table.c.taken_at >= self._bound(date_from, end=False))
         if date_to is not None:
             bound = self._bound(date_to, end=True)
-            is_day = isinstance(date_to, date) and not isinstance(date_to, datetime) or (
-                isinstance(date_to, str) and "T" not in date_to and " " not in date_to
+            is_day = (
+                isinstance(date_to, date)
+                and not isinstance(date_to, datetime)
+                or (isinstance(date_to, str) and "T" not in date_to and " " not in date_to)
             )
             conds.append(images_table.c.taken_at < bound if is_day else images_table.c.taken_at <= bound)
         if formats is not None:
@@ -503,7 +505,9 @@ class Index:
             )
         return record.id
 
-    def similar(self, path_or_id: int | str | os.PathLike[str], k: int = 10, offset: int = 0, **filters: Any) -> list[Hit]:
+    def similar(
+        self, path_or_id: int | str | os.PathLike[str], k: int = 10, offset: int = 0, **filters: Any
+    ) -> list[Hit]:
         """Indexed images most like an indexed one (by path or id), the image itself excluded."""
         image_id = self._resolve_id(path_or_id)
         try:
@@ -531,6 +535,7 @@ class Index:
         ids, vecs = self.store.all_embeddings()
         if len(ids) < 2:
             return []
+        vecs = _normalise(vecs)  # float16 storage leaves norms ~1e-3 off 1: exact copies must score 1.0
         flat = faiss.IndexFlatIP(vecs.shape[1])
         flat.add(vecs)
         uf = _UnionFind()
