@@ -382,8 +382,11 @@ def create_app(
     ) -> None:
         if token is None:
             return
-        given = credentials.credentials if credentials else unquote(request.cookies.get(TOKEN_COOKIE, ""))
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8")):
+        if credentials:  # header values arrive decoded as latin-1: compare the raw bytes
+            given = credentials.credentials.encode("latin-1", "replace")
+        else:  # the web page's cookie (for <img> requests), percent-encoded UTF-8
+            given = unquote(request.cookies.get(TOKEN_COOKIE, "")).encode("utf-8", "replace")
+        if not hmac.compare_digest(given, token.encode("utf-8")):
             raise ApiError(401, "unauthorized", "Missing or wrong token: send `Authorization: Bearer TOKEN`.",
                            {"WWW-Authenticate": "Bearer"})  # fmt: skip
 
