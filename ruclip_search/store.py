@@ -26,9 +26,7 @@ DB_NAME = "index.db"
 LOCK_NAME = ".lock"
 
 metadata = sa.MetaData()
-meta_table = sa.Table(
-    "meta", metadata, sa.Column("key", sa.Text, primary_key=True), sa.Column("value", sa.Text)
-)
+meta_table = sa.Table("meta", metadata, sa.Column("key", sa.Text, primary_key=True), sa.Column("value", sa.Text))
 roots_table = sa.Table(
     "roots",
     metadata,
@@ -196,14 +194,10 @@ class Store:
     # -- schema --------------------------------------------------------------------------------------
     def schema_version(self) -> int:
         with self.engine.connect() as conn:
-            has_meta = conn.exec_driver_sql(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
-            ).first()
+            has_meta = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").first()
             if not has_meta:
                 return 0
-            row = conn.execute(
-                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
-            ).first()
+            row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
             return int(row[0]) if row else 0
 
     def migrate(self, target: int = SCHEMA_VERSION) -> int:
@@ -380,9 +374,7 @@ class Store:
             embedded = conn.execute(
                 sa.select(sa.func.count()).where(images_table.c.embedding.is_not(None))
             ).scalar_one()
-            errors = conn.execute(
-                sa.select(sa.func.count()).where(images_table.c.error.is_not(None))
-            ).scalar_one()
+            errors = conn.execute(sa.select(sa.func.count()).where(images_table.c.error.is_not(None))).scalar_one()
         return {"images": int(embedded), "errors": int(errors)}
 
     def info(self) -> dict[str, Any]:
@@ -428,9 +420,7 @@ class Store:
             images_table.c.error.is_not(None),
         )
         with self.engine.connect() as conn:
-            return {
-                (r[0], r[1]): (r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7])) for r in conn.execute(query)
-            }
+            return {(r[0], r[1]): (r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7])) for r in conn.execute(query)}
 
     def embedding_by_hash(self, content_hash: bytes) -> bytes | None:
         """A stored float16 embedding of a file with this content, if any (moves, renames, duplicates)."""
@@ -447,9 +437,7 @@ class Store:
         """One write transaction that also bumps `data_version`, so the FAISS file is known to be stale."""
         try:
             with self.engine.begin() as conn:
-                row = conn.execute(
-                    sa.select(meta_table.c.value).where(meta_table.c.key == "data_version")
-                ).first()
+                row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "data_version")).first()
                 yield conn
                 self._set_meta(conn, data_version=str(int(row[0]) + 1 if row else 1))
         except sa.exc.OperationalError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,17 +47,19 @@ def test_sigkill_at_random_points(tmp_path: Path) -> None:
 
     rng = random.Random(1234)
     index = tmp_path / "crashy"
-    kills = 0
-    for attempt in range(12):
-        if attempt == 6:  # start over: the second half kills builds whose earlier runs left partial state
-            photos_touched = sorted(photos.iterdir())[:5]
-            for p in photos_touched:
+    kills = attempts = 0
+    while kills < 10 and attempts < 30:
+        attempts += 1
+        if attempts == 6:  # change some files: later kills hit builds that start from partial state
+            for p in sorted(photos.iterdir())[:5]:
                 os.utime(p)
-        proc = run_builder(photos, index, workers=1 if attempt % 4 == 3 else 0)
-        time.sleep(rng.uniform(0.3, duration * 1.1))
+        proc = run_builder(photos, index, workers=1 if attempts % 4 == 3 else 0)
+        time.sleep(rng.uniform(0.3, duration))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
+        elif kills % 3 == 0:
+            shutil.rmtree(index)  # it finished: start over so the next kill lands mid-build again
         proc.wait(timeout=60)
     assert kills >= 10
     finish(photos, index)
