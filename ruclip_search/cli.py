@@ -269,5 +269,174 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
                device=device)  # fmt: skip
 
 
+# -- search commands (search, similar, classify, dupes) ----------------------------------------------
+def _parse_when(value: str | None, name: str) -> Any:
+    """--from/--to: YYYY-MM-DD (a date; --to then includes that day) or YYYY-MM-DDTHH:MM[:SS]."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        if "T" in value or " " in value:
+            return dt.datetime.fromisoformat(value)
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS.", param_hint=name) from None
+
+
+def filter_options(f: F) -> F:
+    """Shared result filters: -k, --offset, --min-score, --under, --from, --to, --format."""
+    for option in reversed([
+        click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="How many results."),
+        click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip this many first."),
+        click.option("--min-score", type=float, default=None, help="Drop results below this cosine similarity."),
+        click.option("--under", type=click.Path(path_type=Path), default=None, help="Only photos under this folder."),
+        click.option("--from", "date_from", metavar="DATE", default=None, help="Only photos taken on/after DATE."),
+        click.option("--to", "date_to", metavar="DATE", default=None, help="Only photos taken on/before DATE."),
+        click.option("--format", "formats", multiple=True, metavar="FMT", help="Only this format, e.g. JPEG (repeatable)."),
+    ]):  # fmt: skip
+        f = option(f)
+    return f
+
+
+def _filters(date_from: str | None, date_to: str | None, under: Path | None, formats: tuple[str, ...]) -> dict:
+    return {
+        "under": under,
+        "date_from": _parse_when(date_from, "--from"),
+        "date_to": _parse_when(date_to, "--to"),
+        "formats": set(formats) if formats else None,
+    }
+
+
+def _open_index(index: Path | None, device: str = "auto") -> Any:
+    from .search import Index
+
+    return Index.open(resolve_index(index), device=device)
+
+
+def _print_hits(hits: list, as_json: bool, offset: int = 0) -> None:
+    if as_json:
+        click.echo(json.dumps([h.to_dict() for h in hits], ensure_ascii=False))
+        return
+    if not hits:
+        click.echo("no matches", err=True)
+        return
+    width = len(str(offset + len(hits)))
+    for rank, h in enumerate(hits, offset + 1):
+        click.echo(f"{rank:>{width}}  {h.score:7.4f}  {os.fsencode(h.path).decode('utf-8', 'replace')}")
+
+
+@main.command()
+@click.argument("query", required=False)
+@index_option()
+@filter_options
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Add an image as a query term (repeatable).",
+)
+@click.option("--minus", multiple=True, metavar="TEXT", help="Push results away from TEXT (repeatable).")
+@click.option("--minus-weight", type=float, default=0.5, show_default=True, help="Weight of each --minus term.")
+@device_option
+@json_option
+def search(query: str | None, index: Path | None, k: int, offset: int, min_score: float | None, under: Path | None,
+           date_from: str | None, date_to: str | None, formats: tuple[str, ...], images: tuple[Path, ...],
+           minus: tuple[str, ...], minus_weight: float, device: str, as_json: bool) -> None:  # fmt: skip
+    """Find photos matching QUERY (Russian text), optionally mixed with --image and --minus terms."""
+    from .errors import QueryError
+
+    if (query is None or not query.strip()) and not images:
+        raise QueryError("The query is empty: type what to look for, e.g. ruclip-index search 'кот на диване'.")
+    filters = _filters(date_from, date_to, under, formats)
+    idx = _open_index(index, device)
+    try:
+        for text in [query or "", *minus]:
+            if text and idx.truncated(text):
+                click.echo(
+                    f"warning: the query is longer than the model's {idx.model.context_length - 2} tokens; "
+                    "its end is ignored.", err=True,
+                )  # fmt: skip
+        terms: list[Any] = [query] if query and query.strip() else []
+        terms += list(images) + [(m, -abs(minus_weight)) for m in minus]
+        q = terms[0] if len(terms) == 1 else terms
+        hits = idx.search(q, k=k, offset=offset, min_score=min_score, **filters)
+    finally:
+        idx.close()
+    _print_hits(hits, as_json, offset)
+
+
+@main.command()
+@click.argument("photo", type=click.Path(path_type=Path))
+@index_option()
+@filter_options
+@device_option
+@json_option
+def similar(photo: Path, index: Path | None, k: int, offset: int, min_score: float | None, under: Path | None,
+            date_from: str | None, date_to: str | None, formats: tuple[str, ...], device: str,
+            as_json: bool) -> None:  # fmt: skip
+    """Find photos like PHOTO (an indexed photo: itself excluded; any other picture: searched by its pixels)."""
+    filters = _filters(date_from, date_to, under, formats)
+    idx = _open_index(index, device)
+    try:
+        if idx.store.find_path(photo) is not None:
+            hits = idx.similar(photo, k=k, offset=offset, **filters)
+        else:
+            hits = idx.search_image(photo, k=k, offset=offset, **filters)
+        if min_score is not None:
+            hits = [h for h in hits if h.score >= min_score]
+    finally:
+        idx.close()
+    _print_hits(hits, as_json, offset)
+
+
+@main.command()
+@click.argument("labels", nargs=-1, required=True)
+@index_option()
+@click.option("--template", "templates", multiple=True, help="Prompt template with {} for the label (repeatable).")
+@device_option
+@json_option
+def classify(
+    labels: tuple[str, ...], index: Path | None, templates: tuple[str, ...], device: str, as_json: bool
+) -> None:
+    """Tag every indexed photo with the best of LABEL... (zero-shot, averaged over prompt templates)."""
+    idx = _open_index(index, device)
+    try:
+        result = idx.classify(list(labels), list(templates) or None)
+    finally:
+        idx.close()
+    if as_json:
+        click.echo(json.dumps([{"path": p, "label": lab, "score": round(s, 6)} for p, lab, s in result],
+                              ensure_ascii=False))  # fmt: skip
+        return
+    width = max((len(lab) for _, lab, _ in result), default=0)
+    for path, label, score in result:
+        click.echo(f"{label:<{width}}  {score:7.4f}  {os.fsencode(path).decode('utf-8', 'replace')}")
+
+
+@main.command()
+@index_option()
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=0.95, show_default=True,
+              help="Cosine similarity above which two photos count as near-duplicates.")  # fmt: skip
+@json_option
+def dupes(index: Path | None, threshold: float, as_json: bool) -> None:
+    """List groups of near-duplicate photos (from the stored embeddings; no model is run)."""
+    from .search import find_duplicates
+    from .store import Store
+
+    with Store.open(resolve_index(index)) as store:
+        result = find_duplicates(store, threshold)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+        return
+    if not result:
+        click.echo("no near-duplicates", err=True)
+    for n, group in enumerate(result, 1):
+        click.echo(f"group {n} ({len(group)} photos)")
+        for path in group:
+            click.echo(f"  {os.fsencode(path).decode('utf-8', 'replace')}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -147,6 +147,33 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+def find_duplicates(store: Store, threshold: float = 0.95) -> list[list[str]]:
+    """Near-duplicate groups from the stored embeddings alone (no model): range search + union-find."""
+    if not -1.0 <= threshold <= 1.0:
+        raise QueryError(f"The threshold is a cosine similarity between -1 and 1, got {threshold}.")
+    ids, vecs = store.all_embeddings()
+    if len(ids) < 2:
+        return []
+    vecs = _normalise(vecs)  # float16 storage leaves norms ~1e-3 off 1: exact copies must score 1.0
+    flat = faiss.IndexFlatIP(vecs.shape[1])
+    flat.add(vecs)
+    uf = _UnionFind()
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-2)))  # range_search keeps score > radius
+    for start in range(0, len(vecs), 4096):
+        lims, dist, labels = flat.range_search(vecs[start : start + 4096], radius)
+        for q in range(len(lims) - 1):
+            a = start + q
+            for j, d in zip(labels[lims[q] : lims[q + 1]], dist[lims[q] : lims[q + 1]], strict=True):
+                if j > a and d >= threshold - 1e-6:
+                    uf.union(int(ids[a]), int(ids[j]))
+    groups: dict[int, list[int]] = {}
+    for i in list(uf.parent):
+        groups.setdefault(uf.find(i), []).append(i)
+    records = store.get_images([i for g in groups.values() for i in g])
+    out = [sorted(records[i].path for i in g if i in records) for g in groups.values()]
+    return sorted((g for g in out if len(g) > 1), key=lambda g: g[0])
+
+
 @dataclass(frozen=True)
 class _State:
     """What one index version consists of; swapped as a whole by `refresh` (searches keep their own)."""
@@ -530,29 +557,7 @@ class Index:
 
     def duplicates(self, threshold: float = 0.95) -> list[list[str]]:
         """Groups of near-duplicate images (cosine >= threshold, linked transitively), each a sorted path list."""
-        if not -1.0 <= threshold <= 1.0:
-            raise QueryError(f"The threshold is a cosine similarity between -1 and 1, got {threshold}.")
-        ids, vecs = self.store.all_embeddings()
-        if len(ids) < 2:
-            return []
-        vecs = _normalise(vecs)  # float16 storage leaves norms ~1e-3 off 1: exact copies must score 1.0
-        flat = faiss.IndexFlatIP(vecs.shape[1])
-        flat.add(vecs)
-        uf = _UnionFind()
-        radius = float(np.nextafter(np.float32(threshold), np.float32(-2)))  # range_search keeps score > radius
-        for start in range(0, len(vecs), 4096):
-            lims, dist, labels = flat.range_search(vecs[start : start + 4096], radius)
-            for q in range(len(lims) - 1):
-                a = start + q
-                for j, d in zip(labels[lims[q] : lims[q + 1]], dist[lims[q] : lims[q + 1]], strict=True):
-                    if j > a and d >= threshold - 1e-6:
-                        uf.union(int(ids[a]), int(ids[j]))
-        groups: dict[int, list[int]] = {}
-        for i in list(uf.parent):
-            groups.setdefault(uf.find(i), []).append(i)
-        records = self.store.get_images([i for g in groups.values() for i in g])
-        out = [sorted(records[i].path for i in g if i in records) for g in groups.values()]
-        return sorted((g for g in out if len(g) > 1), key=lambda g: g[0])
+        return find_duplicates(self.store, threshold)
 
     # -- metadata ------------------------------------------------------------------------------------
     def get(self, image_id: int) -> Hit | None:
@@ -568,4 +573,4 @@ class Index:
         return Path(record.path)
 
 
-__all__ = ["DEFAULT_TEMPLATES", "Hit", "Index", "RuclipSearchError", "label_embeddings", "zero_shot"]
+__all__ = ["DEFAULT_TEMPLATES", "Hit", "Index", "RuclipSearchError", "find_duplicates", "label_embeddings", "zero_shot"]

@@ -4,7 +4,6 @@ similar, duplicates, zero-shot vs the reference Predictor, refresh, lazy loading
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import shutil
 import sys
