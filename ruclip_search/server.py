@@ -85,7 +85,11 @@ class HitOut(BaseModel):
     score: float | None = Field(None, description="Cosine similarity to the query; null for plain metadata.")
     width: int | None = None
     height: int | None = None
-    taken_at: datetime | None = Field(None, description="EXIF DateTimeOriginal, if any.")
+    taken_at: str | None = Field(
+        None,
+        description="EXIF DateTimeOriginal as ISO 8601, e.g. 2021-06-01T18:30:00: camera local time, with an "
+        "offset only when the EXIF records one.",
+    )
     format: str | None = Field(None, description="PIL format name, e.g. JPEG, PNG, HEIF.")
     thumbnail_url: str = Field(description="Relative URL of a 256 px JPEG thumbnail.")
     file_url: str = Field(description="Relative URL of the original file.")
@@ -208,6 +212,10 @@ def _unique_names(indexes: Sequence[Any]) -> list[str]:
             name, n = f"{base}-{n}", n + 1
         names.append(name)
     return names
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if isinstance(value, (date, datetime)) else (str(value) if value else None)
 
 
 def _finite(x: Any) -> float | None:
@@ -408,7 +416,7 @@ def create_app(
         suffix = "" if s.name == default_name else f"?index={s.name}"
         return HitOut(
             id=int(hit.id), path=_display(hit.path), score=_finite(hit.score) if score else None,
-            width=hit.width, height=hit.height, taken_at=hit.taken_at, format=hit.format,
+            width=hit.width, height=hit.height, taken_at=_iso(hit.taken_at), format=hit.format,
             thumbnail_url=f"/images/{int(hit.id)}/thumbnail{suffix}", file_url=f"/images/{int(hit.id)}/file{suffix}",
         )  # fmt: skip
 
