@@ -326,6 +326,8 @@ def create_app(
     }
     default_name = next(iter(served))
     thumbs = _ThumbCache(thumbnail_cache_bytes)
+    # Model and FAISS work uses all cores by itself: more concurrent queries than cores only thrash.
+    busy = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
     static = {name: (resources.files("ruclip_search") / "static" / name).read_bytes() for name in _STATIC}
 
     @asynccontextmanager
@@ -463,7 +465,7 @@ def create_app(
 
     # -- API -----------------------------------------------------------------------------------------
     @app.get("/health", response_model=HealthOut, tags=["meta"])
-    def health() -> HealthOut:
+    async def health() -> HealthOut:  # async: answers even while the worker threads are all busy
         """Liveness check; open even when a token is set."""
         return HealthOut(status="ok", indexes=len(served))
 
@@ -492,7 +494,9 @@ def create_app(
         if not q.strip() or "\x00" in q:
             raise ApiError(400, "bad_query", "The query is empty: type what the photo shows.")
         t0 = time.perf_counter()
-        return page(s, s.index.search(q, k=k, offset=offset, **f), k, offset, t0)
+        with busy:
+            hits = s.index.search(q, k=k, offset=offset, **f)
+        return page(s, hits, k, offset, t0)
 
     @app.post("/search/image", response_model=SearchOut, dependencies=auth,
               responses=_responses(400, 401, 404, 413, 415, 503), tags=["search"])  # fmt: skip
@@ -509,7 +513,9 @@ def create_app(
             raise ApiError(413, "upload_too_large", f"Upload larger than {max_upload_bytes} bytes.")
         image = _open_upload(data, max_pixels)
         t0 = time.perf_counter()
-        return page(s, s.index.search_image(image, k=k, offset=offset, **f), k, offset, t0)
+        with busy:
+            hits = s.index.search_image(image, k=k, offset=offset, **f)
+        return page(s, hits, k, offset, t0)
 
     ImageId = Annotated[int, PathParam(description="Image id from a search result.")]
 
@@ -520,7 +526,8 @@ def create_app(
         known(s, image_id)
         t0 = time.perf_counter()
         try:
-            hits = s.index.similar(image_id, k=k, offset=offset, **f)
+            with busy:
+                hits = s.index.similar(image_id, k=k, offset=offset, **f)
         except QueryError as e:
             raise ApiError(404, "image_not_found", str(e)) from None
         return page(s, hits, k, offset, t0)
