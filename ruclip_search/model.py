@@ -207,8 +207,11 @@ class CLIP(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), eos_pos]  # (B, C)
         return x @ self.text_projection  # (B, D)
 
-    def load_checkpoint_state(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load an official (full) state dict strictly, keeping only the towers this model has."""
+    def load_checkpoint_state(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load an official (full) state dict strictly, keeping only the towers this model has.
+
+        assign=True adopts the given tensors instead of copying them (for a model built on the meta device).
+        """
         drop = []
         if "image" not in self.parts:
             drop.append("visual.")
@@ -221,7 +224,7 @@ class CLIP(nn.Module):
                 "text_projection",
             ]
         sd = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in drop)}
-        self.load_state_dict(sd, strict=True)
+        self.load_state_dict(sd, strict=True, assign=assign)
 
 
 def quantize_int8(model: CLIP) -> CLIP:
@@ -283,11 +286,12 @@ def from_pretrained(name_or_path: str | os.PathLike, parts: Iterable[str] = PART
     config = read_config(folder)
     tokenizer = BPETokenizer.from_file(folder / "bpe.model")
     weights = registry._weights_file(folder)
-    model = CLIP(config, parts)
+    with torch.device("meta"):  # no random init: the checkpoint's (memory-mapped) tensors become the parameters
+        model = CLIP(config, parts)
     sd = load_state_dict(weights)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # checkpoints saved from DataParallel
     try:
-        model.load_checkpoint_state(sd)
+        model.load_checkpoint_state(sd, assign=True)
     except RuntimeError as e:
         first = str(e).splitlines()[:3]
         raise CheckpointError(
