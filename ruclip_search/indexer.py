@@ -136,6 +136,10 @@ def load_one(preprocessor: Any, path: str, max_pixels: int | None) -> tuple[Any,
     return tensor.numpy(), digest, meta
 
 
+def _noop() -> None:
+    """A task that touches no file: proves a new worker process can start."""
+
+
 def _load_chunk(preprocessor: Any, max_pixels: int | None, paths: list[str]) -> list[tuple[Any, Any, Any]]:
     return [load_one(preprocessor, p, max_pixels) for p in paths]
 
@@ -153,12 +157,28 @@ class _Job:
     content_hash: bytes | None = None
 
 
+MAIN_GUARD_HINT = (
+    "decoding workers import the script that calls build(), which then runs build() again in each of them: "
+    'put the call under `if __name__ == "__main__":`'
+)
+
+
 class _Decoder:
     """Decodes jobs in a process pool, several chunks ahead; isolates files that kill a worker."""
 
     def __init__(self, preprocessor: Any, max_pixels: int | None, workers: int) -> None:
         self.pre, self.max_pixels, self.workers = preprocessor, max_pixels, workers
         self.pool: ProcessPoolExecutor | None = None
+
+    def _start(self) -> None:
+        """Start the pool and check that a worker can run a no-op: a pool that cannot start is fatal, not a bad file."""
+        self.pool = self._new_pool()
+        try:
+            self.pool.submit(_noop).result()
+        except BrokenProcessPool as e:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+            raise RuclipSearchError(MAIN_GUARD_HINT + " (or worker processes cannot start on this machine)") from e
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("forkserver")
@@ -186,7 +206,7 @@ class _Decoder:
         pending: deque[tuple[list[_Job], Future]] = deque()
         nxt = 0
         if self.pool is None:
-            self.pool = self._new_pool()
+            self._start()
         while nxt < len(chunks) or pending:
             while nxt < len(chunks) and len(pending) < depth:
                 chunk = chunks[nxt]
@@ -394,6 +414,8 @@ def build(
 
     `model`: registry name, folder or loaded RuCLIP; default the index's own model, else the default model.
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuclipSearchError(MAIN_GUARD_HINT)
     t0 = time.perf_counter()
     if isinstance(photos, (str, os.PathLike)):
         photos = [photos]

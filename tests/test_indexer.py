@@ -160,3 +160,21 @@ def test_fixture_model_finds_each_class(tmp_path: Path, tiny_model_path: Path) -
         top = store.get_images(ids[:, 0].tolist())
         for cls, hit in zip(FIXTURE_CLASSES, ids[:, 0], strict=True):
             assert cls in top[int(hit)].relpath
+
+
+def test_unguarded_script_fails_fast_with_a_hint(tmp_path: Path, photos: Path, tiny_model_path: Path) -> None:
+    """A script calling build() without `if __name__ == "__main__":` gets one clear error, not a stalled build."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "index_my_photos.py"
+    script.write_text(
+        "from ruclip_search import build\n"
+        f"build([{str(photos)!r}], index={str(tmp_path / 'idx')!r}, model={str(tiny_model_path)!r}, workers=1)\n"
+    )
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0
+    assert 'if __name__ == "__main__":' in out.stderr
+    assert time.perf_counter() - t < 120
