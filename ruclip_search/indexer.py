@@ -169,16 +169,25 @@ class _Decoder:
     def __init__(self, preprocessor: Any, max_pixels: int | None, workers: int) -> None:
         self.pre, self.max_pixels, self.workers = preprocessor, max_pixels, workers
         self.pool: ProcessPoolExecutor | None = None
+        self._probe: Future | None = None
 
-    def _start(self) -> None:
-        """Start the pool and check that a worker can run a no-op: a pool that cannot start is fatal, not a bad file."""
-        self.pool = self._new_pool()
+    def prestart(self) -> None:
+        """Start the worker processes now (they need no model), so they boot while the model loads."""
+        if self.workers > 0 and self.pool is None:
+            self.pool = self._new_pool()
+            self._probe = self.pool.submit(_noop)
+
+    def _check_started(self) -> None:
+        """A pool whose workers cannot run a no-op cannot start: fatal, not a bad file."""
+        if self._probe is None:
+            return
         try:
-            self.pool.submit(_noop).result()
+            self._probe.result()
         except BrokenProcessPool as e:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
+            self.close()
             raise RuclipSearchError(MAIN_GUARD_HINT + " (or worker processes cannot start on this machine)") from e
+        finally:
+            self._probe = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("forkserver")
@@ -205,8 +214,8 @@ class _Decoder:
         depth = 2 * self.workers
         pending: deque[tuple[list[_Job], Future]] = deque()
         nxt = 0
-        if self.pool is None:
-            self._start()
+        self.prestart()
+        self._check_started()
         while nxt < len(chunks) or pending:
             while nxt < len(chunks) and len(pending) < depth:
                 chunk = chunks[nxt]
@@ -505,7 +514,9 @@ def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device
     if to_decode:
         b = _Build(store, report, model, device, batch_size, progress)
         b.total = len(to_decode)
-        decoder = _Decoder(b.preprocessor(), max_pixels, workers)
+        decoder = _Decoder(None, max_pixels, workers)
+        decoder.prestart()  # worker processes boot while the model loads
+        decoder.pre = b.preprocessor()
         threads = _share_cpus(b.model, workers)
         try:
             for job, result in decoder.run(to_decode):
