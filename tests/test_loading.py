@@ -137,3 +137,13 @@ def test_hub_cache_layout_is_used_offline(tmp_path: Path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == snap
+
+
+def test_int8_quantized_text_tower_stays_close():
+    exact = load_model(TINY, device="cpu", parts=("text",))
+    q8 = load_model(TINY, device="cpu", parts=("text",), quantize="int8")
+    texts = ["красный круг", "синий квадрат", "жёлтый треугольник"]
+    cos = (exact.encode_text(texts) * q8.encode_text(texts)).sum(1)
+    assert cos.min() > 0.98
+    with pytest.raises(ValueError, match="int8"):
+        load_model(TINY, device="cpu", quantize="int4")
