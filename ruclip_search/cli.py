@@ -169,7 +169,15 @@ def build(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    """Index PHOTOS_DIR... (new and changed files only; safe to interrupt and re-run)."""
+    """Index PHOTOS_DIR... (new and changed files only; safe to interrupt and re-run).
+
+    Examples:
+
+    \b
+      ruclip-index build ~/Pictures
+      ruclip-index build ./photos ./phone --index indexes/all --exclude '*/.thumbnails/*'
+      ruclip-index build ./photos --model ruclip-vit-base-patch32-224 --rebuild
+    """
     from .indexer import DEFAULT_MAX_PIXELS
     from .indexer import build as run_build
 
@@ -199,7 +207,15 @@ def build(
 @click.option("--errors", "show_errors", is_flag=True, help="List files that could not be indexed, with reasons.")
 @json_option
 def info(index: Path | None, show_errors: bool, as_json: bool) -> None:
-    """Show an index: images, errors, model, index type, dimension, recall@10, size on disk."""
+    """Show an index: images, errors, model, index type, dimension, recall@10, size on disk.
+
+    Examples:
+
+    \b
+      ruclip-index info
+      ruclip-index info --errors --index indexes/photos
+      ruclip-index info --json
+    """
     from .store import Store
 
     with Store.open(resolve_index(index)) as store:
@@ -235,7 +251,14 @@ def info(index: Path | None, show_errors: bool, as_json: bool) -> None:
 @quiet_option
 @json_option
 def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> None:
-    """Rebuild the FAISS index from the stored embeddings (no model run), e.g. to change its type."""
+    """Rebuild the FAISS index from the stored embeddings (no model run), e.g. to change its type.
+
+    Examples:
+
+    \b
+      ruclip-index reindex --type hnsw
+      ruclip-index reindex --type auto --index indexes/photos
+    """
     from .indexer import reindex as run_reindex
 
     result = run_reindex(resolve_index(index), index_type)
@@ -260,7 +283,14 @@ def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> 
 @device_option
 def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, cors_origins: tuple[str, ...],
           model: str | None, device: str) -> None:  # fmt: skip
-    """Serve indexes over HTTP: JSON API (docs at /docs) and a search page at /."""
+    """Serve indexes over HTTP: JSON API (docs at /docs) and a search page at /.
+
+    Examples:
+
+    \b
+      ruclip-index serve --index indexes/photos
+      ruclip-index serve --index indexes/photos --index indexes/phone --port 8080 --token s3cret
+    """
     from .server import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -344,7 +374,15 @@ def _print_hits(hits: list, as_json: bool, offset: int = 0) -> None:
 def search(query: str | None, index: Path | None, k: int, offset: int, min_score: float | None, under: Path | None,
            date_from: str | None, date_to: str | None, formats: tuple[str, ...], images: tuple[Path, ...],
            minus: tuple[str, ...], minus_weight: float, device: str, as_json: bool) -> None:  # fmt: skip
-    """Find photos matching QUERY (Russian text), optionally mixed with --image and --minus terms."""
+    """Find photos matching QUERY (Russian text), optionally mixed with --image and --minus terms.
+
+    Examples:
+
+    \b
+      ruclip-index search "рыжий кот спит на диване"
+      ruclip-index search "кот" --minus "собака" -k 20 --from 2023-01-01
+      ruclip-index search "море" --image beach.jpg --json
+    """
     from .errors import QueryError
 
     if (query is None or not query.strip()) and not images:
@@ -376,7 +414,14 @@ def search(query: str | None, index: Path | None, k: int, offset: int, min_score
 def similar(photo: Path, index: Path | None, k: int, offset: int, min_score: float | None, under: Path | None,
             date_from: str | None, date_to: str | None, formats: tuple[str, ...], device: str,
             as_json: bool) -> None:  # fmt: skip
-    """Find photos like PHOTO (an indexed photo: itself excluded; any other picture: searched by its pixels)."""
+    """Find photos like PHOTO (an indexed photo: itself excluded; any other picture: searched by its pixels).
+
+    Examples:
+
+    \b
+      ruclip-index similar ./photos/cat.jpg
+      ruclip-index similar ~/Downloads/example.jpg -k 5
+    """
     filters = _filters(date_from, date_to, under, formats)
     idx = _open_index(index, device)
     try:
@@ -400,7 +445,14 @@ def similar(photo: Path, index: Path | None, k: int, offset: int, min_score: flo
 def classify(
     labels: tuple[str, ...], index: Path | None, templates: tuple[str, ...], device: str, as_json: bool
 ) -> None:
-    """Tag every indexed photo with the best of LABEL... (zero-shot, averaged over prompt templates)."""
+    """Tag every indexed photo with the best of LABEL... (zero-shot, averaged over prompt templates).
+
+    Examples:
+
+    \b
+      ruclip-index classify кошка собака пейзаж портрет
+      ruclip-index classify закат рассвет --json
+    """
     idx = _open_index(index, device)
     try:
         result = idx.classify(list(labels), list(templates) or None)
@@ -421,7 +473,14 @@ def classify(
               help="Cosine similarity above which two photos count as near-duplicates.")  # fmt: skip
 @json_option
 def dupes(index: Path | None, threshold: float, as_json: bool) -> None:
-    """List groups of near-duplicate photos (from the stored embeddings; no model is run)."""
+    """List groups of near-duplicate photos (from the stored embeddings; no model is run).
+
+    Examples:
+
+    \b
+      ruclip-index dupes
+      ruclip-index dupes --threshold 0.98 --json
+    """
     from .search import find_duplicates
     from .store import Store
 
