@@ -145,7 +145,12 @@ def main() -> None:
 @index_option()
 @model_option
 @device_option
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per model batch.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Images per model batch [default: 64 on a GPU, 8 on the CPU].",
+)
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (default: CPUs - 1).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
@@ -159,7 +164,7 @@ def build(
     index: Path | None,
     model: str | None,
     device: str,
-    batch_size: int,
+    batch_size: int | None,
     workers: int | None,
     exclude: tuple[str, ...],
     follow_symlinks: bool,

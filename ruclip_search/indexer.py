@@ -166,8 +166,10 @@ MAIN_GUARD_HINT = (
 class _Decoder:
     """Decodes jobs in a process pool, several chunks ahead; isolates files that kill a worker."""
 
-    def __init__(self, preprocessor: Any, max_pixels: int | None, workers: int) -> None:
+    def __init__(self, preprocessor: Any, max_pixels: int | None, workers: int, ahead: int = 0) -> None:
         self.pre, self.max_pixels, self.workers = preprocessor, max_pixels, workers
+        # chunks in flight: enough to fill a whole model batch while the previous one encodes
+        self.depth = max(2 * workers, -(-ahead // CHUNK) + workers)
         self.pool: ProcessPoolExecutor | None = None
         self._probe: Future | None = None
 
@@ -205,13 +207,13 @@ class _Decoder:
             self.pool = None
 
     def run(self, jobs: list[_Job]) -> Iterable[tuple[_Job, tuple[Any, Any, Any]]]:
-        """Yield (job, (pixels|None, hash, info|reason)) in job order; at most 2*workers chunks in flight."""
+        """Yield (job, (pixels|None, hash, info|reason)) in job order; at most self.depth chunks in flight."""
         if self.workers <= 0:
             for job in jobs:
                 yield job, load_one(self.pre, job.path, self.max_pixels)
             return
         chunks = [jobs[i : i + CHUNK] for i in range(0, len(jobs), CHUNK)]
-        depth = 2 * self.workers
+        depth = self.depth
         pending: deque[tuple[list[_Job], Future]] = deque()
         nxt = 0
         self.prestart()
@@ -410,7 +412,7 @@ def build(
     index: str | os.PathLike[str] | None = None,
     model: Any = None,
     device: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int | None = None,
     exclude: Iterable[str] = (),
     follow_symlinks: bool = False,
@@ -451,7 +453,15 @@ def build(
     return report
 
 
-def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device: str, batch_size: int,
+def default_batch_size(device: str) -> int:
+    """64 images per batch on a GPU; 8 on the CPU, where bigger batches are no faster and a small one
+    lets encoding start early and overlap with decoding."""
+    from .encoder import pick_device
+
+    return 64 if pick_device(device).type == "cuda" else 8
+
+
+def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device: str, batch_size: int | None,
          workers: int, exclude: Iterable[str], follow_symlinks: bool, max_pixels: int | None, rebuild: bool,
          index_type: str | None, progress: Progress | None) -> None:  # fmt: skip
     _clean_stale_files(store)
@@ -512,15 +522,21 @@ def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device
 
     # 4. Decode ahead in worker processes, encode in batches, commit per batch.
     if to_decode:
+        if batch_size is None:
+            batch_size = default_batch_size(device)
         b = _Build(store, report, model, device, batch_size, progress)
         b.total = len(to_decode)
-        decoder = _Decoder(None, max_pixels, workers)
+        decoder = _Decoder(None, max_pixels, workers, ahead=b.batch_size)
         decoder.prestart()  # worker processes boot while the model loads
         decoder.pre = b.preprocessor()
         threads = _share_cpus(b.model, workers)
         try:
             for job, result in decoder.run(to_decode):
                 b.add(job, result)
+            if threads:  # decoding is over: the last batch gets every core
+                import torch
+
+                torch.set_num_threads(threads)
             b.flush()
         finally:
             decoder.close()

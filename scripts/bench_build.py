@@ -4,7 +4,7 @@ Uses the Debian wallpaper photos (scripts/get_wallpapers.sh -> bench-data/wallpa
 model of a released architecture (default ruclip-vit-base-patch32-224), so nothing is downloaded.
 
     python scripts/bench_build.py [--photos bench-data/wallpapers] [--arch ruclip-vit-base-patch32-224]
-        [--device cpu] [--dtype float32] [--workers N] [--batch-size 32]
+        [--device cpu] [--dtype float32] [--workers N] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default), float16, bfloat16")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)  # the CPU default of build()
     args = ap.parse_args()
 
     import torch
