@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -33,6 +34,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "на фото видно {}",
 )
 EXACT_FALLBACK_MAX = 200_000  # filtered ANN search that misses hits is redone exactly below this many ids
+TEXT_CACHE_SIZE = 512  # text query embeddings kept per open index
 
 ImageLike = Image.Image | bytes | os.PathLike
 Term = str | ImageLike | tuple[Any, float]
@@ -203,6 +205,7 @@ class Index:
         self._model_name = model_name
         self._device = device
         self._lock = threading.Lock()
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # paging and repeats skip the encoder
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -349,7 +352,19 @@ class Index:
         """(D,) embedding of one text query; QueryError when empty."""
         if not isinstance(text, str) or not text.strip():
             raise QueryError("The query is empty: type what to look for, e.g. 'кот на диване'.")
-        return self._text_model.encode_text([text.strip()])[0]
+        text = text.strip()
+        with self._lock:
+            cached = self._text_cache.get(text)
+            if cached is not None:
+                self._text_cache.move_to_end(text)
+                return cached
+        vec = self._text_model.encode_text([text])[0]
+        vec.setflags(write=False)  # shared between callers through the cache
+        with self._lock:
+            self._text_cache[text] = vec
+            if len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        return vec
 
     def embed_image(self, image: ImageLike | str) -> np.ndarray:
         """(D,) embedding of one image (path, PIL image or encoded bytes)."""

@@ -325,3 +325,19 @@ def test_open_errors(tmp_path: Path, search_index) -> None:
     with pytest.raises(ModelMismatchError):
         Index.open(search_index[0], model="ruclip-vit-base-patch32-224")
     assert Index.open(search_index[0], model=str(TINY_MODEL), device="cpu").name == "index"
+
+
+def test_repeated_text_query_reuses_its_embedding(idx: Index) -> None:
+    """Paging through results must not run the text encoder again for the same words."""
+    idx._text_cache.clear()  # the module's index has seen this query in earlier tests
+    calls = []
+    real = idx._text_model.encode_text
+    idx._text_model.encode_text = lambda texts: calls.append(texts) or real(texts)
+    try:
+        first = idx.search("синий квадрат", k=2)
+        second = idx.search(" синий квадрат ", k=2, offset=2)
+    finally:
+        idx._text_model.encode_text = real
+    assert len(calls) == 1
+    assert classes_of(first + second) == ["синий квадрат"] * 4
+    assert {h.id for h in first}.isdisjoint({h.id for h in second})
