@@ -128,3 +128,16 @@ def test_cuda_half_precision_close_to_fp32(dtype):
         i16 = torch.nn.functional.normalize(half.encode_image(px.cuda()).float().cpu(), dim=-1)
     assert (t32 * t16).sum(-1).min() > 0.99
     assert (i32 * i16).sum(-1).min() > 0.99
+
+
+def test_packed_cpu_linear_matches_and_follows_weight_changes():
+    from ruclip_search import model as m
+
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        assert torch.allclose(m.linear(x, lin.weight, lin.bias), lin(x), atol=1e-5)
+        lin.weight.mul_(2)  # an in-place change must not be served from a stale packed copy
+        assert torch.allclose(m.linear(x, lin.weight, lin.bias), lin(x), atol=1e-5)
+        big = torch.randn(2, m.PACKED_MAX_ROWS, 64)
+        assert torch.allclose(m.linear(big, lin.weight, lin.bias), lin(big), atol=1e-5)
