@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from .errors import QueryError
 from .model import CLIP, PARTS, from_pretrained, quantize_int8
 from .preprocess import Preprocessor
-from .registry import DEFAULT_MODEL
+from .registry import DEFAULT_MODEL, model_key
 from .tokenizer import BPETokenizer
 
 ImageInput = Image.Image | str | os.PathLike | bytes
@@ -125,3 +126,44 @@ def load_model(
     c = net.config
     pre = Preprocessor(image_size=c.image_resolution, mean=tuple(c.mean), std=tuple(c.std), mode=preprocess)
     return RuCLIP(net, tokenizer, pre, name, dev)
+
+
+class ModelCache:
+    """Loaded models shared by everything one process serves: each (model, towers) is loaded once.
+
+    A server with several indexes of the same model holds one text tower, not one per index; an index that
+    is rebuilt with another model gets that model from here too. Thread-safe; loading happens under a lock
+    per key, so two requests never load the same model twice.
+    """
+
+    def __init__(self, device: str | torch.device = "auto", **load_kwargs: object) -> None:
+        self.device, self.load_kwargs = device, load_kwargs
+        self._models: dict[tuple[str, tuple[str, ...]], RuCLIP] = {}
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple[str, tuple[str, ...]], threading.Lock] = {}
+
+    def get(self, name_or_path: str | os.PathLike[str], parts: Iterable[str] = ("text",)) -> RuCLIP:
+        """The model with these towers, loaded on first use (a loaded model with more towers serves too)."""
+        name, want = model_key(name_or_path), tuple(sorted(parts))
+        key = (name, want)
+        with self._lock:
+            for (n, have), model in self._models.items():
+                if n == name and set(want) <= set(have):
+                    return model
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            model = load_model(name_or_path, device=self.device, parts=want, **self.load_kwargs)  # type: ignore[arg-type]
+            with self._lock:
+                self._models[key] = model
+            return model
+
+    def put(self, model: RuCLIP) -> None:
+        """Share an already loaded model (e.g. one a caller passed in) under its name."""
+        with self._lock:
+            self._models[(model_key(model.name), tuple(sorted(model.parts)))] = model
+
+    def __len__(self) -> int:
+        return len(self._models)

@@ -339,6 +339,4 @@ def from_pretrained(name_or_path: str | os.PathLike, parts: Iterable[str] = PART
             f"{weights} does not match {folder / 'config.json'}: {' '.join(first)[:400]}; "
             "the two files come from different models"
         ) from e
-    name = os.fspath(name_or_path)
-    name = name if name in registry.CONFIGS else str(Path(name).expanduser().resolve())
-    return model.eval(), tokenizer, name
+    return model.eval(), tokenizer, registry.model_key(name_or_path)

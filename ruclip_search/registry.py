@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .defaults import MODEL as DEFAULT_MODEL  # noqa: F401  (re-exported: registry.DEFAULT_MODEL)
 from .errors import ModelNotFoundError
 
-DEFAULT_MODEL = "ruclip-vit-large-patch14-224"
 HUB_ORG = "ai-forever"
 FILES = ("config.json", "pytorch_model.bin", "bpe.model")
 
@@ -31,6 +31,12 @@ CONFIGS: dict[str, dict] = {
     "ruclip-vit-base-patch16-384": dict(**_BASE_VISION, **_BASE_TEXT, image_resolution=384, vision_patch_size=16),
 }
 MODELS = tuple(CONFIGS)
+
+
+def model_key(model: str | os.PathLike[str]) -> str:
+    """The name an index records for a model: its registry name, or its folder as an absolute path."""
+    name = os.fspath(model)
+    return name if name in CONFIGS else str(Path(name).expanduser().resolve())
 
 
 def hub_repo(name: str) -> str:

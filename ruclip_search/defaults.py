@@ -1,0 +1,54 @@
+"""Every default in one place: the CLI's help texts, the Python API and the HTTP API all read these.
+
+Change a value here and every entry point follows; nothing else in the package repeats a number below.
+"""
+
+from __future__ import annotations
+
+#: The model an index is built with when none is named (768-d embeddings).
+MODEL = "ruclip-vit-large-patch14-224"
+
+#: Largest image the indexer decodes, in pixels: PIL's hard decompression-bomb limit (2 x
+#: Image.MAX_IMAGE_PIXELS, ~179 MP, ~537 MB as RGB). Large enough for medium-format cameras and stitched
+#: panoramas; raise it with `build --max-pixels`.
+MAX_PIXELS = 178_956_970
+
+#: Largest uploaded query image the server decodes, in pixels: a query needs no more, and a server must
+#: bound what one request can make it allocate.
+UPLOAD_MAX_PIXELS = 60_000_000
+
+#: Largest upload the server accepts, in bytes (a 50 MP phone JPEG is about 20 MB).
+UPLOAD_MAX_BYTES = 25 * 1024 * 1024
+
+#: Results per page, everywhere (CLI -k, Index.search k, HTTP k); HTTP caps k and offset.
+K = 20
+MAX_K = 200
+MAX_OFFSET = 10_000
+
+#: Images per model batch: 8 on the CPU (bigger is no faster there, and a small batch lets encoding start
+#: early and overlap with decoding), 64 on a GPU.
+CPU_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 64
+
+#: Cosine similarity above which two photos count as near-duplicates (`dupes`).
+DUPLICATE_THRESHOLD = 0.95
+
+#: Weight of each `--minus` term in a combined query.
+MINUS_WEIGHT = 0.5
+
+#: FAISS index types a build or reindex accepts; "auto" is exact below 50k images, else ANN.
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+INDEX_TYPE = "auto"
+
+#: Text query embeddings kept per open index (paging and repeated queries skip the encoder).
+TEXT_CACHE_SIZE = 512
+
+#: Thumbnails: allowed longest sides, the default, and the server's in-memory cache size.
+THUMB_MIN, THUMB_MAX, THUMB_SIZE = 16, 1024, 256
+THUMB_CACHE_BYTES = 64 * 1024 * 1024
+
+#: How often a server checks whether a build finished (seconds, on the request path).
+REFRESH_INTERVAL = 0.5
+
+#: Where `serve` listens unless told otherwise (loopback only).
+HOST, PORT = "127.0.0.1", 8000
