@@ -6,16 +6,11 @@ transaction; the FAISS file is replaced atomically), and never stopped by one ba
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import multiprocessing
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +18,13 @@ from typing import Any
 import numpy as np
 
 from . import faiss_index
-from .errors import ImageError, ModelMismatchError, RuclipSearchError, StorageError
+from .errors import ModelMismatchError, RuclipSearchError, StorageError
+from .loader import MAIN_GUARD_HINT, FileMeta, Loaded, _Decoder, hash_file
 from .store import IndexLock, Store, encode_embedding
 from .walk import walk
 
 DEFAULT_MODEL = "ruclip-vit-large-patch14-224"
 DEFAULT_MAX_PIXELS = 178_956_970
-CHUNK = 8  # files per worker task: small enough to balance load and to isolate a crashing file cheaply
-CRASH_HOOK_ENV = "RUCLIP_SEARCH_TEST_WORKER_EXIT_ON"  # test hook: a worker exits when decoding this file name
-WORKER_DIED = "worker process died while decoding this file (crash or out of memory)"
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -78,72 +71,6 @@ def model_key(model: Any) -> str:
     return name if name in CONFIGS else str(Path(name).expanduser().resolve())
 
 
-# -- worker side -------------------------------------------------------------------------------------
-def _worker_init() -> None:
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def file_hash(data: bytes) -> bytes:
-    """Content hash used to recognise moves, renames and duplicates."""
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def hash_file(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return file_hash(f.read())
-    except OSError:
-        return None
-
-
-def load_one(preprocessor: Any, path: str, max_pixels: int | None) -> tuple[Any, bytes | None, Any]:
-    """Read, hash, decode and preprocess one file: (pixels ndarray | None, hash, info dict | error reason)."""
-    hook = os.environ.get(CRASH_HOOK_ENV)
-    if hook and os.path.basename(path) == hook and multiprocessing.parent_process() is not None:
-        os._exit(17)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None, None, "file vanished before it could be read"
-    except PermissionError:
-        return None, None, "permission denied"
-    except OSError as e:
-        return None, None, f"cannot read: {e.strerror or e}"
-    digest = file_hash(data)
-    if not data:
-        return None, digest, "empty file (0 bytes)"
-    try:
-        tensor, info = preprocessor.load_with_info(io.BytesIO(data), max_pixels=max_pixels)
-    except ImageError as e:
-        return None, digest, str(e) or "cannot decode"
-    except Exception as e:  # a decoder bug must not stop the build either
-        return None, digest, f"cannot decode: {type(e).__name__}: {e}"
-    taken = info.get("taken_at")
-    meta = {
-        "width": info.get("width"),
-        "height": info.get("height"),
-        "format": info.get("format"),
-        "taken_at": taken.isoformat() if hasattr(taken, "isoformat") else taken,
-        "camera_make": info.get("camera_make"),
-        "camera_model": info.get("camera_model"),
-    }
-    return tensor.numpy(), digest, meta
-
-
-def _noop() -> None:
-    """A task that touches no file: proves a new worker process can start."""
-
-
-def _load_chunk(preprocessor: Any, max_pixels: int | None, paths: list[str]) -> list[tuple[Any, Any, Any]]:
-    return [load_one(preprocessor, p, max_pixels) for p in paths]
-
-
 @dataclass
 class _Job:
     """One file to decode and encode: where it is, and its existing row if any."""
@@ -157,98 +84,6 @@ class _Job:
     content_hash: bytes | None = None
 
 
-MAIN_GUARD_HINT = (
-    "decoding workers import the script that calls build(), which then runs build() again in each of them: "
-    'put the call under `if __name__ == "__main__":`'
-)
-
-
-class _Decoder:
-    """Decodes jobs in a process pool, several chunks ahead; isolates files that kill a worker."""
-
-    def __init__(self, preprocessor: Any, max_pixels: int | None, workers: int, ahead: int = 0) -> None:
-        self.pre, self.max_pixels, self.workers = preprocessor, max_pixels, workers
-        # chunks in flight: enough to fill a whole model batch while the previous one encodes
-        self.depth = max(2 * workers, -(-ahead // CHUNK) + workers)
-        self.pool: ProcessPoolExecutor | None = None
-        self._probe: Future | None = None
-
-    def prestart(self) -> None:
-        """Start the worker processes now (they need no model), so they boot while the model loads."""
-        if self.workers > 0 and self.pool is None:
-            self.pool = self._new_pool()
-            self._probe = self.pool.submit(_noop)
-
-    def _check_started(self) -> None:
-        """A pool whose workers cannot run a no-op cannot start: fatal, not a bad file."""
-        if self._probe is None:
-            return
-        try:
-            self._probe.result()
-        except BrokenProcessPool as e:
-            self.close()
-            raise RuclipSearchError(MAIN_GUARD_HINT + " (or worker processes cannot start on this machine)") from e
-        finally:
-            self._probe = None
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["ruclip_search.preprocess", "ruclip_search.decode"])
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
-
-    def _restart(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = self._new_pool()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
-
-    def run(self, jobs: list[_Job]) -> Iterable[tuple[_Job, tuple[Any, Any, Any]]]:
-        """Yield (job, (pixels|None, hash, info|reason)) in job order; at most self.depth chunks in flight."""
-        if self.workers <= 0:
-            for job in jobs:
-                yield job, load_one(self.pre, job.path, self.max_pixels)
-            return
-        chunks = [jobs[i : i + CHUNK] for i in range(0, len(jobs), CHUNK)]
-        depth = self.depth
-        pending: deque[tuple[list[_Job], Future]] = deque()
-        nxt = 0
-        self.prestart()
-        self._check_started()
-        while nxt < len(chunks) or pending:
-            while nxt < len(chunks) and len(pending) < depth:
-                chunk = chunks[nxt]
-                pending.append(
-                    (chunk, self.pool.submit(_load_chunk, self.pre, self.max_pixels, [j.path for j in chunk]))
-                )
-                nxt += 1
-            chunk, fut = pending.popleft()
-            try:
-                results = fut.result()
-            except BrokenProcessPool:
-                suspects = [chunk] + [c for c, _ in pending]
-                pending.clear()
-                self._restart()
-                for c in suspects:
-                    yield from self._isolate(c)
-                continue
-            yield from zip(chunk, results, strict=True)
-
-    def _isolate(self, chunk: list[_Job]) -> Iterable[tuple[_Job, tuple[Any, Any, Any]]]:
-        """Decode one file at a time so a worker death is pinned on the file that caused it."""
-        for job in chunk:
-            assert self.pool is not None
-            try:
-                result = self.pool.submit(_load_chunk, self.pre, self.max_pixels, [job.path]).result()[0]
-            except BrokenProcessPool:
-                self._restart()
-                result = (None, None, WORKER_DIED)
-            yield job, result
-
-
 # -- the build ---------------------------------------------------------------------------------------
 class _Build:
     def __init__(self, store: Store, report: BuildReport, model: Any, device: str, batch_size: int,
@@ -257,8 +92,8 @@ class _Build:
         self.batch_size = max(1, batch_size)
         self.progress = progress
         self._model: Any = None
-        self.batch: list[tuple[_Job, np.ndarray, bytes, dict]] = []
-        self.followers: dict[bytes, list[tuple[_Job, dict]]] = {}
+        self.batch: list[tuple[_Job, np.ndarray, bytes, FileMeta | None]] = []
+        self.followers: dict[bytes, list[tuple[_Job, FileMeta | None]]] = {}
         self.failures: list[tuple[_Job, bytes | None, str]] = []
         self.known: dict[bytes, bytes] = {}  # content hash -> float16 embedding encoded in this run
         self.done = 0
@@ -291,8 +126,9 @@ class _Build:
         else:
             self.report.updated += 1
 
-    def _row(self, job: _Job, digest: bytes | None, meta: dict | None, emb: bytes | None, error: str | None):
-        meta = meta or {}
+    def _row(self, job: _Job, digest: bytes | None, file_meta: FileMeta | None, emb: bytes | None,
+             error: str | None):  # fmt: skip
+        meta = asdict(file_meta) if file_meta is not None else {}
         return {
             "root_id": job.root_id, "relpath": job.relpath, "size": job.size, "mtime_ns": job.mtime_ns,
             "content_hash": digest, "width": meta.get("width"), "height": meta.get("height"),
@@ -301,10 +137,10 @@ class _Build:
             "error": error, "embedding": emb, "indexed_at": time.time(),
         }  # fmt: skip
 
-    def add(self, job: _Job, result: tuple[Any, Any, Any]) -> None:
-        pixels, digest, info = result
-        if pixels is None:
-            self.failures.append((job, digest, info))
+    def add(self, job: _Job, result: Loaded) -> None:
+        pixels, digest, info = result.pixels, result.content_hash, result.meta
+        if pixels is None or digest is None:
+            self.failures.append((job, digest, result.error or "cannot decode"))
         elif digest in self.known:
             self._commit_reused(job, digest, info)
         elif any(d == digest for _, _, d, _ in self.batch):
@@ -314,7 +150,7 @@ class _Build:
         if len(self.batch) >= self.batch_size or len(self.failures) >= 4 * self.batch_size:
             self.flush()
 
-    def _commit_reused(self, job: _Job, digest: bytes, info: dict) -> None:
+    def _commit_reused(self, job: _Job, digest: bytes, info: FileMeta | None) -> None:
         with self.store.transaction() as conn:
             self.store.upsert_image(conn, self._row(job, digest, info, self.known[digest], None), job.row_id)
         self._count(job)

@@ -12,7 +12,8 @@ from conftest import StandInModel, make_photos
 
 from ruclip_search import faiss_index
 from ruclip_search.errors import IndexLockedError, ModelMismatchError
-from ruclip_search.indexer import CRASH_HOOK_ENV, WORKER_DIED, build, reindex
+from ruclip_search.indexer import build, reindex
+from ruclip_search.loader import WORKER_DIED, _Decoder
 from ruclip_search.store import IndexLock, Store
 
 
@@ -72,9 +73,14 @@ def test_bad_inputs_are_recorded_not_fatal(tmp_path: Path, photos: Path, monkeyp
     draw("красный круг", size=(200, 100)).save(photos / "bomb.png")
     (photos / "crash.jpg").write_bytes(good + b"x")
     (photos / "vanish.jpg").write_bytes(good + b"y")
-    monkeypatch.setenv(CRASH_HOOK_ENV, "crash.jpg")
+    import functools
+
+    from crashing_loader import exit_on_crash_jpg
 
     import ruclip_search.indexer as indexer
+
+    # the workers die on crash.jpg: a loader from a tests module, which they import by name
+    monkeypatch.setattr(indexer, "_Decoder", functools.partial(_Decoder, loader=exit_on_crash_jpg))
 
     real_walk = indexer.walk
 
@@ -96,7 +102,7 @@ def test_bad_inputs_are_recorded_not_fatal(tmp_path: Path, photos: Path, monkeyp
     with Store.open(index) as store:
         assert store.counts() == {"images": 12, "errors": 6}
     monkeypatch.setattr(indexer, "walk", real_walk)
-    monkeypatch.delenv(CRASH_HOOK_ENV)
+    monkeypatch.setattr(indexer, "_Decoder", _Decoder)
 
     # failures are not retried until the file changes; then they are
     r = build(photos, index=index, model=StandInModel(), workers=0, max_pixels=10_000)
