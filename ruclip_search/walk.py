@@ -39,6 +39,11 @@ class FileEntry:
         return os.path.join(self.root, self.relpath)
 
 
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as printable text: non-UTF-8 name bytes (kept as surrogates in str paths) become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def looks_like_image(path: str) -> bool:
     """Sniff the first bytes of a file with no extension (JPEG, PNG, GIF, BMP, TIFF, WebP, HEIF/AVIF)."""
     try:
