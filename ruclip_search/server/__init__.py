@@ -1,0 +1,46 @@
+"""HTTP JSON API and web page over one or more indexes: the backing store for a photo app.
+
+`create_app` builds the FastAPI app (tests drive it with TestClient); `serve` runs it with uvicorn.
+Files are only ever read by image id through the index, never from a path given in a request. Each index
+is refreshed (at most every `refresh_interval` seconds, on the request path) so a finished `ruclip-index
+build` is served without a restart; `Index.refresh` swaps versions atomically.
+
+Layout: `app` assembles; `state` holds what an app serves; `deps` the dependencies and parameter types;
+`routes/` the endpoints; `schemas` the response models; `errors`, `uploads`, `thumbnails`, `results` helpers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..defaults import HOST, PORT
+from .app import create_app
+from .schemas import ErrorOut, HealthOut, HitOut, IndexInfoOut, InfoOut, SearchOut
+
+log = logging.getLogger("ruclip_search.server")
+
+
+def serve(
+    index_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    host: str = HOST,
+    port: int = PORT,
+    token: str | None = None,
+    cors_origins: Iterable[str] = (),
+    model: Any = None,
+    device: str = "auto",
+    log_level: str = "info",
+) -> None:
+    """Open the indexes and serve them with uvicorn until interrupted (binds loopback unless told otherwise)."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        log.warning("serving on %s without a token: anyone who can reach this port can see your photos", host)
+    app = create_app(index_dirs, token=token, cors_origins=cors_origins, model=model, device=device)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
+
+
+__all__ = ["ErrorOut", "HealthOut", "HitOut", "IndexInfoOut", "InfoOut", "SearchOut", "create_app", "serve"]

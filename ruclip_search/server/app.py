@@ -1,0 +1,71 @@
+"""`create_app`: open the indexes, build the ServerState, assemble routers, error handlers and middleware."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..defaults import REFRESH_INTERVAL, THUMB_CACHE_BYTES, UPLOAD_MAX_BYTES, UPLOAD_MAX_PIXELS
+from ..encoder import ModelCache
+from .errors import install_error_handlers
+from .routes import images, meta, search, web
+from .state import ServerState, open_indexes
+from .thumbnails import ThumbCache
+from .uploads import MULTIPART_SLACK, UploadLimit
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.server.close()
+
+
+def create_app(
+    index_dirs: Sequence[str | os.PathLike[str] | Any],
+    *,
+    token: str | None = None,
+    cors_origins: Iterable[str] = (),
+    max_upload_bytes: int = UPLOAD_MAX_BYTES,
+    max_pixels: int = UPLOAD_MAX_PIXELS,
+    model: Any = None,
+    device: str = "auto",
+    refresh_interval: float = REFRESH_INTERVAL,
+    thumbnail_cache_bytes: int = THUMB_CACHE_BYTES,
+) -> FastAPI:
+    """The FastAPI app serving `index_dirs` (folders, or already opened `Index` objects); the first is default.
+
+    Indexes are opened now, so a missing or unbuilt index fails here (IndexNotFoundError), not per request.
+    `max_upload_bytes`/`max_pixels` cap uploaded query images; one text model per model name is shared by
+    all indexes.
+    """
+    models = ModelCache(device)
+    served = open_indexes(index_dirs, model=model, device=device, models=models, refresh_interval=refresh_interval)
+    app = FastAPI(
+        title="ruclip-search",
+        version=__version__,
+        description="Find photos by a Russian sentence (RuCLIP + FAISS). Errors are JSON: "
+        '`{"detail": ..., "code": ...}`; parameter errors are 422 with a list of problems.',
+        lifespan=_lifespan,
+    )
+    app.state.server = ServerState(
+        served=served, models=models, thumbs=ThumbCache(thumbnail_cache_bytes), token=token,
+        max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
+    )  # fmt: skip
+    for module in (meta, search, images, web):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    if cors := list(cors_origins):
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+    app.add_middleware(UploadLimit, limit=max_upload_bytes + MULTIPART_SLACK)
+    return app
+
+
+__all__ = ["create_app"]

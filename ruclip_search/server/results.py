@@ -1,0 +1,78 @@
+"""Index results as API answers: hits to HitOut/SearchOut, image ids to indexed records and files."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from datetime import date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import QueryError
+from .errors import ApiError
+from .schemas import HitOut, SearchOut
+
+if TYPE_CHECKING:
+    from .state import Served
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as valid UTF-8 text (non-UTF-8 bytes from surrogateescape become U+FFFD)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if isinstance(value, (date, datetime)) else (str(value) if value else None)
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def hit_out(s: Served, hit: Any, score: bool = True) -> HitOut:
+    """One hit as JSON; its URLs name the index unless it is the default one."""
+    return HitOut(
+        id=int(hit.id), path=display_path(hit.path), score=_finite(hit.score) if score else None,
+        width=hit.width, height=hit.height, taken_at=_iso(hit.taken_at), format=hit.format,
+        thumbnail_url=f"/images/{int(hit.id)}/thumbnail{s.url_suffix}",
+        file_url=f"/images/{int(hit.id)}/file{s.url_suffix}",
+    )  # fmt: skip
+
+
+def search_page(s: Served, hits: list[Any], k: int, offset: int, t0: float) -> SearchOut:
+    """A page of hits with the version they come from and the time taken since `t0` (perf_counter)."""
+    return SearchOut(
+        index=s.name, version=int(s.index.version), k=k, offset=offset,
+        took_ms=round((time.perf_counter() - t0) * 1000, 2), hits=[hit_out(s, h) for h in hits],
+    )  # fmt: skip
+
+
+def known_image(s: Served, image_id: int) -> Any:
+    """The indexed record of `image_id`, or 404 `image_not_found`."""
+    hit = s.index.get(image_id) if 0 <= image_id < 2**63 else None
+    if hit is None:
+        raise ApiError(404, "image_not_found", f"No image with id {image_id} in index {s.name!r}.")
+    return hit
+
+
+def indexed_file(s: Served, image_id: int) -> tuple[Path, os.stat_result]:
+    """Path and stat of an indexed image's file: 404 `image_not_found` or `file_missing`."""
+    known_image(s, image_id)
+    try:
+        path = Path(s.index.file_path(image_id))
+        st = path.stat()
+    except QueryError as e:
+        raise ApiError(404, "image_not_found", str(e)) from None
+    except (OSError, ValueError):
+        raise ApiError(404, "file_missing", f"Image {image_id} is indexed but its file is gone.") from None
+    if not path.is_file():
+        raise ApiError(404, "file_missing", f"Image {image_id} is indexed but its file is gone.")
+    return path, st
+
+
+__all__ = ["display_path", "hit_out", "indexed_file", "known_image", "search_page"]

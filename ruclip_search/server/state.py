@@ -1,0 +1,129 @@
+"""`ServerState`: everything one app serves, built once by `create_app` and read by routes through a dependency.
+
+It lives in `app.state.server`; `get_state` hands it to the routes, so no route closes over `create_app`'s
+locals and tests can look at (or adjust) what an app holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from ..encoder import ModelCache
+from ..errors import IndexNotFoundError
+from .thumbnails import ThumbCache
+
+log = logging.getLogger("ruclip_search.server")
+
+
+class Served:
+    """One index plus its refresh throttle; only one request at a time pays for a refresh check."""
+
+    def __init__(self, name: str, index: Any, interval: float, owned: bool, default: bool) -> None:
+        self.name, self.index, self.interval, self.owned, self.default = name, index, interval, owned, default
+        self.url_suffix = "" if default else f"?index={name}"  # hits of other indexes name theirs in their URLs
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def maybe_refresh(self) -> None:
+        """Pick up a finished build (at most every `interval` seconds; a failed check keeps the old version)."""
+        now = time.monotonic()
+        if now < self._next or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._next = now + self.interval
+            if self.index.refresh():
+                log.info("index %s: now serving version %s", self.name, self.index.version)
+        except Exception:  # a build may be mid-way: keep serving the version we have
+            log.warning("index %s: refresh failed, still serving version %s", self.name, self.index.version,
+                        exc_info=True)  # fmt: skip
+        finally:
+            self._lock.release()
+
+
+@dataclass(eq=False)
+class ServerState:
+    """The served indexes (first = default), limits, token, caches and the bounds on concurrent work."""
+
+    served: dict[str, Served]
+    models: ModelCache
+    thumbs: ThumbCache
+    token: str | None
+    max_upload_bytes: int
+    max_pixels: int  # uploads
+    # Model and FAISS work uses all cores by itself: more concurrent queries than cores only thrash.
+    busy: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+    )
+
+    @property
+    def default_name(self) -> str:
+        return next(iter(self.served))
+
+    def close(self) -> None:
+        """Close the indexes this app opened (not those handed in already open)."""
+        for s in self.served.values():
+            if s.owned:
+                s.index.close()
+
+
+def open_indexes(
+    index_dirs: Sequence[str | os.PathLike[str] | Any], *, model: Any, device: str, models: ModelCache,
+    refresh_interval: float,
+) -> dict[str, Served]:  # fmt: skip
+    """Open every folder (already opened `Index` objects are served as given), named uniquely, first default.
+
+    All indexes get their text model from `models`, so indexes of one model share one loaded text tower.
+    Opening fails here for a missing or unbuilt index (IndexNotFoundError), and closes what it had opened.
+    """
+    from ..search import Index
+
+    if not index_dirs:
+        raise IndexNotFoundError("No index to serve: pass at least one --index DIR.")
+    opened: list[tuple[Any, bool]] = []
+    try:
+        for item in index_dirs:
+            if isinstance(item, (str, os.PathLike)):
+                opened.append((_open_shared(Index, item, model, device, models), True))
+            else:
+                opened.append((item, False))
+    except BaseException:
+        for idx, owned in opened:
+            if owned:
+                idx.close()
+        raise
+    names = _unique_names([idx for idx, _ in opened])
+    return {
+        name: Served(name, idx, refresh_interval, owned, default=i == 0)
+        for i, (name, (idx, owned)) in enumerate(zip(names, opened, strict=True))
+    }
+
+
+def _open_shared(index_cls: Any, path: str | os.PathLike[str], model: Any, device: str, models: ModelCache) -> Any:
+    return index_cls.open(path, model=model, device=device)
+
+
+def _unique_names(indexes: Sequence[Any]) -> list[str]:
+    names: list[str] = []
+    for idx in indexes:
+        base = str(getattr(idx, "name", "") or "index")
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}-{n}", n + 1
+        names.append(name)
+    return names
+
+
+def get_state(request: Request) -> ServerState:
+    """FastAPI dependency: the app's ServerState."""
+    return request.app.state.server
+
+
+__all__ = ["ServerState", "Served", "get_state", "open_indexes"]

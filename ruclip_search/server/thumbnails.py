@@ -1,0 +1,58 @@
+"""Thumbnails of indexed images: JPEG bytes made on demand and kept in a byte-bounded LRU cache."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import ImageError
+from .errors import ApiError
+from .results import display_path
+
+
+class ThumbCache:
+    """LRU of encoded thumbnails bounded by total bytes; keys include the file's mtime and size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            self.bytes += len(data) - (len(old) if old else 0)
+            self._items[key] = data
+            while self.bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.bytes -= len(dropped)
+
+
+def make_thumbnail(path: Path, size: int) -> bytes:
+    """JPEG bytes of `path` fitted into size x size; undecodable files answer 404 `image_unreadable`."""
+    from PIL import Image
+
+    from .. import decode
+
+    try:
+        im = decode.open_image(path, draft_size=size)
+    except ImageError:
+        raise ApiError(404, "image_unreadable", f"{display_path(path.name)!r} cannot be decoded any more.") from None
+    im.thumbnail((size, size), Image.Resampling.LANCZOS if size <= 256 else Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85, optimize=False)
+    return buf.getvalue()
+
+
+__all__ = ["ThumbCache", "make_thumbnail"]
