@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from . import _procs
 from .errors import ImageError, RuclipSearchError
 
 CHUNK = 8  # files per worker task: small enough to balance load and to isolate a crashing file cheaply
@@ -106,6 +107,7 @@ def load_one(preprocessor: Any, path: str, max_pixels: int | None) -> Loaded:
 
 # -- worker side -------------------------------------------------------------------------------------
 def _worker_init() -> None:
+    _procs.worker_init()  # ignore Ctrl-C (the builder handles it); exit when the builder dies
     try:
         import torch
 
@@ -123,6 +125,16 @@ def _load_chunk(loader: Loader, preprocessor: Any, max_pixels: int | None, paths
 
 
 # -- parent side -------------------------------------------------------------------------------------
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's workers now (an interrupted build must not wait for chunks nobody will read)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+
+
 class _HasPath(Protocol):
     path: str
 
@@ -145,6 +157,7 @@ class _Decoder:
         self.depth = max(2 * workers, -(-ahead // CHUNK) + workers)
         self.pool: ProcessPoolExecutor | None = None
         self._probe: Future | None = None
+        self._busy = False  # a run() is under way: closing now means it was abandoned (Ctrl-C, an error)
 
     def prestart(self) -> None:
         """Start the worker processes now (they need no model), so they boot while the model loads."""
@@ -166,7 +179,9 @@ class _Decoder:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["ruclip_search.preprocess", "ruclip_search.decode"])
+        # _procs first: on import in the forkserver it ties the forkserver and its workers to our lifetime
+        ctx.set_forkserver_preload(["ruclip_search._procs", "ruclip_search.preprocess", "ruclip_search.decode"])
+        _procs.start_forkserver()
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
 
     def _restart(self) -> None:
@@ -175,9 +190,14 @@ class _Decoder:
         self.pool = self._new_pool()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        """Stop the workers and wait for them to exit; mid-run (interrupted), without finishing their chunks."""
+        if self.pool is None:
+            return
+        if self._busy:
+            _terminate_workers(self.pool)
+            self._busy = False
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
 
     def _submit(self, paths: list[str]) -> Future:
         assert self.pool is not None
@@ -195,6 +215,7 @@ class _Decoder:
         nxt = 0
         self.prestart()
         self._check_started()
+        self._busy = True
         while nxt < len(chunks) or pending:
             while nxt < len(chunks) and len(pending) < depth:
                 chunk = chunks[nxt]
@@ -211,6 +232,7 @@ class _Decoder:
                     yield from self._isolate(c)
                 continue
             yield from zip(chunk, results, strict=True)
+        self._busy = False
 
     def _isolate(self, chunk: list[J]) -> Iterable[tuple[J, Loaded]]:
         """Decode one file at a time so a worker death is pinned on the file that caused it."""
