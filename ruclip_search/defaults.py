@@ -47,6 +47,10 @@ TEXT_CACHE_SIZE = 512
 THUMB_MIN, THUMB_MAX, THUMB_SIZE = 16, 1024, 256
 THUMB_CACHE_BYTES = 64 * 1024 * 1024
 
+#: Images a server decodes at once (thumbnails and uploaded query images): each may hold a whole decoded
+#: image (a thumbnail up to MAX_PIXELS x 3 bytes, ~537 MB), so this bounds the server's decoding memory.
+DECODE_SLOTS = 2
+
 #: How often a server checks whether a build finished (seconds, on the request path).
 REFRESH_INTERVAL = 0.5
 

@@ -243,6 +243,73 @@ def test_thumbnail(client):
     assert client.get("/images/424242/thumbnail").status_code == 404
 
 
+def _peak_concurrency(monkeypatch: pytest.MonkeyPatch, name: str) -> dict[str, int]:
+    """Patch ruclip_search.decode.`name` with a slow wrapper that records how many calls run at once."""
+    import ruclip_search.decode as decode
+
+    real, lock, seen = getattr(decode, name), threading.Lock(), {"now": 0, "peak": 0, "calls": 0}
+
+    def slow(*args, **kwargs):
+        with lock:
+            seen["now"] += 1
+            seen["calls"] += 1
+            seen["peak"] = max(seen["peak"], seen["now"])
+        try:
+            time.sleep(0.05)
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    monkeypatch.setattr(decode, name, slow)
+    return seen
+
+
+def test_thumbnail_decoding_is_bounded(search_index, monkeypatch):
+    """Regression: thumbnails decoded outside any bound, so many requests for huge images could each hold a
+    full-size decode at once (FastAPI runs up to 40 at a time). Now at most `decode_slots` decode at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app([search_index[0]], thumbnail_cache_bytes=0)
+    with TestClient(app) as c:
+        ids = [h["id"] for h in c.get("/search", params={"q": "круг", "k": 16}).json()["hits"]]
+        seen = _peak_concurrency(monkeypatch, "open_image")
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(lambda i: c.get(f"/images/{i}/thumbnail", params={"size": 32}).status_code, ids))
+    bound = app.state.server.decode_slots
+    assert codes == [200] * 16 and seen["calls"] == 16
+    assert 1 <= seen["peak"] <= bound < 16, seen
+
+
+def test_uploads_decode_within_the_same_bound(search_index, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app([search_index[0]])
+    upload = _png("синий круг")
+    with TestClient(app) as c:
+        seen = _peak_concurrency(monkeypatch, "open_image")
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: c.post("/search/image", files={"file": ("q.png", upload, "image/png")},
+                                                   params={"k": 1}).status_code, range(8)))  # fmt: skip
+    assert codes == [200] * 8 and 1 <= seen["peak"] <= app.state.server.decode_slots, seen
+
+
+def test_thumbnail_pixel_cap(search_index):
+    """An image above the thumbnail pixel cap answers 404 image_unreadable with the reason, not a decode."""
+    from ruclip_search import defaults
+
+    app = create_app([search_index[0]])
+    assert app.state.server.thumb_max_pixels == defaults.MAX_PIXELS  # every image the indexer took
+    with TestClient(app) as c:
+        image_id = _id_of(c, "синий круг 1")  # 64 x 64
+        app.state.server.thumb_max_pixels = 64 * 64 - 1
+        r = c.get(f"/images/{image_id}/thumbnail", params={"size": 17})
+        assert (r.status_code, r.json()["code"]) == (404, "image_unreadable")
+        assert "4,096 pixels" in r.json()["detail"]
+        app.state.server.thumb_max_pixels = 64 * 64
+        assert c.get(f"/images/{image_id}/thumbnail", params={"size": 17}).status_code == 200
+
+
 def test_original_file(client):
     image_id = _id_of(client, "красный квадрат 1")
     meta = client.get(f"/images/{image_id}").json()

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import Request
 
+from ..defaults import DECODE_SLOTS, MAX_PIXELS
 from ..encoder import ModelCache
 from ..errors import IndexNotFoundError
 from .thumbnails import ThumbCache
@@ -62,6 +63,17 @@ class ServerState:
     busy: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
     )
+    # Decoding an image (a thumbnail's original, an upload) can allocate width x height x 3 bytes, so it runs
+    # under its own small bound: with FastAPI's 40 worker threads, unbounded thumbnail requests for huge
+    # PNGs could hold 40 full-size images at once. The thumbnail cap is the indexer's (MAX_PIXELS), not the
+    # upload cap: every image the index accepted keeps its thumbnail, and the bound keeps the worst case
+    # at decode_slots x MAX_PIXELS x 3 bytes (~1.1 GB). JPEGs decode far smaller (draft mode).
+    decode_slots: int = DECODE_SLOTS
+    thumb_max_pixels: int = MAX_PIXELS
+    decoding: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decoding = threading.BoundedSemaphore(max(1, self.decode_slots))
 
     @property
     def default_name(self) -> str:

@@ -39,16 +39,24 @@ class ThumbCache:
                 self.bytes -= len(dropped)
 
 
-def make_thumbnail(path: Path, size: int) -> bytes:
-    """JPEG bytes of `path` fitted into size x size; undecodable files answer 404 `image_unreadable`."""
+def make_thumbnail(path: Path, size: int, max_pixels: int, pixels: int | None = None) -> bytes:
+    """JPEG bytes of `path` fitted into size x size; undecodable files answer 404 `image_unreadable`.
+
+    `pixels` (width x height as indexed) above `max_pixels` answers that 404 without opening the file; the
+    decoder checks the cap again on the file's own header. Call it under `ServerState.decoding`.
+    """
     from PIL import Image
 
     from .. import decode
 
+    name = display_path(path.name)
+    if pixels is not None and pixels > max_pixels:
+        raise ApiError(404, "image_unreadable", f"{name!r} has {pixels:,} pixels, more than the {max_pixels:,} this "
+                       "server decodes for a thumbnail: open the original file instead.")  # fmt: skip
     try:
-        im = decode.open_image(path, draft_size=size)
+        im = decode.open_image(path, max_pixels=max_pixels, draft_size=size)
     except ImageError:
-        raise ApiError(404, "image_unreadable", f"{display_path(path.name)!r} cannot be decoded any more.") from None
+        raise ApiError(404, "image_unreadable", f"{name!r} cannot be decoded any more.") from None
     im.thumbnail((size, size), Image.Resampling.LANCZOS if size <= 256 else Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=85, optimize=False)

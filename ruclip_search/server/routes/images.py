@@ -35,6 +35,7 @@ def thumbnail(
     size: Annotated[int, Query(ge=THUMB_MIN, le=THUMB_MAX, description="Longest side in pixels.")] = THUMB_SIZE,
 ) -> Response:
     """A JPEG no larger than size x size (EXIF orientation applied), cached in memory."""
+    hit = known_image(s, image_id)
     path, st = indexed_file(s, image_id)
     key = (s.name, image_id, size, str(path), st.st_mtime_ns, st.st_size)
     etag = '"' + hashlib.sha1(repr(key).encode("utf-8", "replace")).hexdigest()[:20] + '"'
@@ -43,7 +44,9 @@ def thumbnail(
         return Response(status_code=304, headers=headers)
     data = state.thumbs.get(key)
     if data is None:
-        data = make_thumbnail(path, size)
+        pixels = hit.width * hit.height if hit.width and hit.height else None
+        with state.decoding:  # bounded: a decode may hold a whole full-size image
+            data = make_thumbnail(path, size, state.thumb_max_pixels, pixels)
         state.thumbs.put(key, data)
     return Response(data, media_type="image/jpeg", headers=headers)
 

@@ -54,7 +54,9 @@ def search_image(
     offset: Offset = 0,
 ) -> SearchOut:
     """Indexed images most like an uploaded picture."""
-    image = decode_upload(read_upload(file, state.max_upload_bytes), state.max_pixels)
+    data = read_upload(file, state.max_upload_bytes)
+    with state.decoding:  # bounded like thumbnails: an upload may decode to max_pixels x 3 bytes
+        image = decode_upload(data, state.max_pixels)
     t0 = time.perf_counter()
     with state.busy:
         hits = s.index.search_image(image, k=k, offset=offset, **_kw(f))
