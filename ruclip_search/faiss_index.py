@@ -21,6 +21,7 @@ RECALL_SAMPLE = 1000  # queries used to measure recall@10
 MIN_RECALL = 0.95
 SINGLE_THREAD_BELOW = 8  # query batches up to this size search on one thread
 TRAIN_PER_LIST = 40  # k-means training vectors per IVF list
+MIN_ANN = 1000  # below this many vectors an IVF/IVF-PQ request builds an exact flat index instead
 
 
 def _gpu_available() -> bool:
@@ -111,25 +112,32 @@ def _tune(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, target: floa
     return recall_at_k(index, vectors, ids), {}
 
 
-def choose_kind(n: int) -> str:
+def choose_kind(n: int, flat_below: int | None = None) -> str:
     """`auto`: exact flat search for small collections, IVF (tuned for recall) for large ones."""
-    return "flat" if n < FLAT_BELOW else "ivf"
+    return "flat" if n < (FLAT_BELOW if flat_below is None else flat_below) else "ivf"
 
 
 def build_faiss(
-    vectors: np.ndarray, ids: np.ndarray, kind: str = "auto", *, min_recall: float = MIN_RECALL
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    kind: str = "auto",
+    *,
+    min_recall: float = MIN_RECALL,
+    flat_below: int | None = None,
+    min_ann: int | None = None,
 ) -> tuple[faiss.Index, dict[str, Any]]:
     """Build an index of `kind` over (vectors, ids); returns it and info {type, n, dim, recall_at_10, params}.
 
     ANN types are tuned until recall@10 against exact search reaches `min_recall` (or cannot go higher).
+    `flat_below` / `min_ann` override FLAT_BELOW / MIN_ANN (tests build ANN indexes from a few thousand vectors).
     """
     if kind not in INDEX_KINDS:
         raise ValueError(f"unknown index type {kind!r}: use one of {', '.join(INDEX_KINDS)}")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     n, dim = vectors.shape
-    chosen = choose_kind(n) if kind == "auto" else kind
-    if chosen in ("ivf", "ivfpq") and n < 1000:
+    chosen = choose_kind(n, flat_below) if kind == "auto" else kind
+    if chosen in ("ivf", "ivfpq") and n < (MIN_ANN if min_ann is None else min_ann):
         chosen = "flat"  # too few vectors to train centroids: exact search is better and instant
     metric = faiss.METRIC_INNER_PRODUCT
     if chosen == "flat":

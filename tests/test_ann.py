@@ -1,0 +1,306 @@
+"""Approximate FAISS indexes (IVF, IVF-PQ, HNSW) really built and searched: type, tuning, training sample,
+parameters restored on load, filtered search through search parameters, and search.py's exact fallback.
+
+Synthetic data: clustered unit vectors, ids that are not row numbers, and text-like queries (a cluster's
+mean direction plus noise, top cosine about 0.2-0.4: a text query sits far from every image vector, so
+results cannot be read off a copy of an indexed vector). `flat_below` / `min_ann` lower the size thresholds
+for these tests only; the production defaults are untouched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from ruclip_search import faiss_index
+
+N, DIM, CLUSTERS, K = 2000, 128, 30, 10
+PQ_DIM = 32  # IVF-PQ's codebook training is slow at 128-d; its tests use 32-d vectors
+ANN_KINDS = ("ivf", "ivfpq", "hnsw")
+
+
+def clustered(n: int = N, dim: int = DIM, clusters: int = CLUSTERS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (n, dim), centres (clusters, dim)): L2-normalised points around random unit centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    vecs = centres[rng.integers(clusters, size=n)] + rng.normal(scale=0.15, size=(n, dim))
+    return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32), centres
+
+
+def text_like_queries(centres: np.ndarray, n: int = 100, seed: int = 1, weight: float = 0.35) -> np.ndarray:
+    """Queries near a cluster's mean direction but far from every vector (top cosine about 0.2-0.4)."""
+    rng = np.random.default_rng(seed)
+    dim = centres.shape[1]
+    q = centres[rng.integers(len(centres), size=n)] * weight + rng.normal(scale=1.0 / np.sqrt(dim), size=(n, dim))
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_data(dim: int = DIM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vecs, centres = clustered(dim=dim)
+    ids = (7 + 3 * np.arange(N)).astype(np.int64)  # not row numbers: a mix-up of rows and ids fails
+    return vecs, ids, text_like_queries(centres)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return make_data()
+
+
+@pytest.fixture(scope="module")
+def built(data) -> dict[str, tuple[faiss.Index, dict, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """kind -> (index, info, (vectors, ids, queries) it was built from)."""
+    out = {}
+    for kind in ANN_KINDS:
+        vecs, ids, queries = data if kind != "ivfpq" else make_data(PQ_DIM)
+        # IVF-PQ's codes cap its recall well below 0.95 at this size: don't let tuning probe every list
+        index, info = faiss_index.build_faiss(vecs, ids, kind, min_recall=0.95 if kind != "ivfpq" else 0.5)
+        out[kind] = (index, info, (vecs, ids, queries))
+    return out
+
+
+def exact(vecs: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
+    """Exact top-k ids (Q, k) among `allowed` (default all)."""
+    rows = np.arange(len(ids)) if allowed is None else np.flatnonzero(np.isin(ids, allowed))
+    return ids[rows][faiss_index.exact_knn(vecs[rows], queries, k)]
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]))
+
+
+def inner_type(index: faiss.Index) -> type:
+    """Class of the index doing the work (under FAISS's IDMap wrapper, if any)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return type(faiss.downcast_index(index.index))
+    return type(index)
+
+
+EXPECTED_TYPE = {"ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQ, "hnsw": faiss.IndexHNSWFlat}
+
+
+def test_queries_are_text_like(data) -> None:
+    vecs, _, queries = data
+    top = (queries @ vecs.T).max(axis=1)
+    assert 0.2 <= np.median(top) <= 0.45 and top.max() < 0.55, np.median(top)
+
+
+# -- type and size thresholds ------------------------------------------------------------------------
+def test_auto_switches_to_ivf_at_the_threshold(data) -> None:
+    vecs, ids, _ = data
+    assert faiss_index.choose_kind(faiss_index.FLAT_BELOW - 1) == "flat"
+    assert faiss_index.choose_kind(faiss_index.FLAT_BELOW) == "ivf"
+    index, info = faiss_index.build_faiss(vecs, ids, "auto", flat_below=N)
+    assert inner_type(index) is faiss.IndexIVFFlat and info["type"] == "ivf"
+    assert info["params"]["nlist"] > 1 and 1 <= info["params"]["nprobe"] <= info["params"]["nlist"]
+    index, info = faiss_index.build_faiss(vecs, ids, "auto", flat_below=N + 1)
+    assert inner_type(index) is faiss.IndexFlatIP and info["type"] == "flat" and info["recall_at_10"] == 1.0
+
+
+def test_too_few_vectors_for_ivf_build_flat(data) -> None:
+    vecs, ids, _ = data
+    small = faiss_index.MIN_ANN - 1
+    for kind in ("ivf", "ivfpq"):
+        index, info = faiss_index.build_faiss(vecs[:small], ids[:small], kind)
+        assert inner_type(index) is faiss.IndexFlatIP and info["type"] == "flat"
+    index, info = faiss_index.build_faiss(vecs[:small], ids[:small], "ivf", min_ann=500)
+    assert inner_type(index) is faiss.IndexIVFFlat and info["type"] == "ivf"
+
+
+@pytest.mark.parametrize("kind", ANN_KINDS)
+def test_type_and_tuned_recall(built, kind: str) -> None:
+    index, info, (vecs, ids, _) = built[kind]
+    assert inner_type(index) is EXPECTED_TYPE[kind] and info["type"] == kind
+    assert (info["n"], info["dim"], index.ntotal) == (N, vecs.shape[1], N)
+    # the recall the build reports is what the index has (measured again with another sample of queries)
+    measured = faiss_index.recall_at_k(index, vecs, ids, seed=7)
+    assert abs(measured - info["recall_at_10"]) < 0.03, (measured, info)
+    if kind == "hnsw":
+        assert (
+            info["params"]["efSearch"] >= 16 and faiss_index._hnsw_of(index).hnsw.efSearch == info["params"]["efSearch"]
+        )
+    else:
+        ivf = faiss.extract_index_ivf(index)
+        assert info["params"] == {"nprobe": ivf.nprobe, "nlist": ivf.nlist} and ivf.nlist > 1
+    if kind != "ivfpq":
+        assert info["recall_at_10"] >= faiss_index.MIN_RECALL
+        assert measured >= faiss_index.MIN_RECALL
+        # tuning stops at the first sufficient setting: ANN, not an exhaustive scan
+        if kind == "ivf":
+            assert info["params"]["nprobe"] < info["params"]["nlist"]
+
+
+def test_ivfpq_compresses(built) -> None:
+    index, _, _ = built["ivfpq"]
+    pq = faiss.downcast_index(index)
+    assert pq.code_size == pq.pq.M == PQ_DIM // 8  # about 8 dimensions per sub-quantizer, 8-bit codes
+
+
+# -- searching with text-like queries ---------------------------------------------------------------
+@pytest.mark.parametrize("kind", ANN_KINDS)
+def test_unfiltered_search_vs_exact(built, kind: str) -> None:
+    index, _, (vecs, ids, queries) = built[kind]
+    scores, found = faiss_index.search(index, queries, K)
+    assert found.shape == (len(queries), K)
+    # IVF-PQ probing 1-2 short lists may return fewer than K: only the exhaustive-enough kinds fill every page
+    assert (found >= 0).all() if kind != "ivfpq" else (found >= 0).mean() > 0.9
+    assert set(np.unique(found[found >= 0]).tolist()) <= set(ids.tolist())
+    assert all((np.diff(s[f >= 0]) <= 1e-6).all() for s, f in zip(scores, found, strict=True))  # best first
+    if kind != "ivfpq":  # flat codes: the scores are the true cosines of the returned ids
+        row = {int(i): r for r, i in enumerate(ids)}
+        true = np.array([[vecs[row[int(i)]] @ q for i in f] for f, q in zip(found, queries, strict=True)])
+        np.testing.assert_allclose(scores, true, atol=1e-5)
+    got = recall(found, exact(vecs, ids, queries, K))
+    assert got >= (0.6 if kind != "ivfpq" else 0.3), got
+    # one query at a time (the single-thread path) answers the same as the batch
+    one = np.vstack([faiss_index.search(index, q, K)[1] for q in queries[:5]])
+    np.testing.assert_array_equal(one, found[:5])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: tuning measures recall with copies of indexed vectors as queries; text-like queries "
+    "get about 0.75-0.85 at the tuned nprobe/efSearch (remove this mark once tuning uses realistic queries)",
+)
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_text_like_recall_meets_the_tuning_target(built, kind: str) -> None:
+    index, _, (vecs, ids, queries) = built[kind]
+    assert recall(faiss_index.search(index, queries, K)[1], exact(vecs, ids, queries, K)) >= faiss_index.MIN_RECALL
+    allowed = ids[::5]
+    found = faiss_index.search(index, queries, K, allowed)[1]
+    assert recall(found, exact(vecs, ids, queries, K, allowed)) >= faiss_index.MIN_RECALL
+
+
+@pytest.mark.parametrize("kind", ANN_KINDS)
+def test_filtered_search_vs_exact(built, kind: str) -> None:
+    index, _, (vecs, ids, queries) = built[kind]
+    rng = np.random.default_rng(3)
+    allowed = np.sort(rng.choice(ids, size=N // 5, replace=False))
+    for selector in (allowed, faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))):
+        scores, found = faiss_index.search(index, queries, K, selector)
+        hits = found[found >= 0]
+        assert set(hits.tolist()) <= set(allowed.tolist())  # the filter holds inside FAISS
+        if kind != "ivfpq":  # (IVF-PQ at nprobe 1-2 may not: search.py then falls back to exact search)
+            assert (found >= 0).mean() >= 0.95  # a 20% subset still fills the page nearly always
+        got = recall(found, exact(vecs, ids, queries, K, allowed))
+        assert got >= (0.45 if kind != "ivfpq" else 0.25), (kind, got)
+    # every id allowed: the filtered search uses the tuned nprobe/efSearch, so it answers as the unfiltered one
+    np.testing.assert_array_equal(
+        faiss_index.search(index, queries, K, ids)[1], faiss_index.search(index, queries, K)[1]
+    )
+
+
+def test_filtered_search_uses_tuned_parameters(built) -> None:
+    """A selector passed through search parameters must carry nprobe/efSearch (FAISS's default is 1 / 16)."""
+    for kind in ("ivf", "hnsw"):
+        index, info, (_, ids, queries) = built[kind]
+        plain = faiss_index.search(index, queries, K, ids)[1]
+        if kind == "ivf":
+            faiss.extract_index_ivf(index).nprobe = info["params"]["nlist"]
+        else:
+            faiss_index._hnsw_of(index).hnsw.efSearch = 512
+        try:
+            wider = faiss_index.search(index, queries, K, ids)[1]
+        finally:
+            faiss_index.apply_params(index, info["params"])
+        assert not np.array_equal(plain, wider), kind  # the setting reached the filtered search
+
+
+# -- on disk ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ANN_KINDS)
+def test_params_restored_on_load(built, tmp_path: Path, kind: str) -> None:
+    index, info, (_, _, queries) = built[kind]
+    path = faiss_index.save_atomic(index, tmp_path / "x.index")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.index"]  # no temp file left behind
+    before = faiss_index.search(index, queries, K)
+    for mmap in (True, False):
+        loaded = faiss_index.load(path, mmap=mmap, params=info["params"])
+        assert inner_type(loaded) is EXPECTED_TYPE[kind] and loaded.ntotal == N
+        after = faiss_index.search(loaded, queries, K)
+        np.testing.assert_array_equal(after[1], before[1])
+        np.testing.assert_allclose(after[0], before[0], atol=1e-6)
+    other = {"nprobe": 3} if kind != "hnsw" else {"efSearch": 77}
+    loaded = faiss_index.load(path, params=other)
+    if kind == "hnsw":
+        assert faiss_index._hnsw_of(loaded).hnsw.efSearch == 77
+    else:
+        assert faiss.extract_index_ivf(loaded).nprobe == 3
+
+
+def test_training_sample_is_bounded_and_fixed() -> None:
+    vecs, _ = clustered(n=2000)
+    quantizer = faiss.IndexFlatIP(DIM)
+    index = faiss.IndexIVFFlat(quantizer, DIM, 10, faiss.METRIC_INNER_PRODUCT)
+    sample = faiss_index._training_sample(index, vecs)
+    assert len(sample) == faiss_index.TRAIN_PER_LIST * 10 < len(vecs)
+    np.testing.assert_array_equal(sample, faiss_index._training_sample(index, vecs))  # reproducible builds
+    rows = {v.tobytes() for v in vecs}
+    assert all(v.tobytes() in rows for v in sample) and len({v.tobytes() for v in sample}) == len(sample)
+    assert len(faiss_index._training_sample(index, vecs[:300])) == 300  # small collections train on all
+
+
+def test_build_trains_on_the_sample(data, monkeypatch: pytest.MonkeyPatch) -> None:
+    vecs, ids, _ = data
+    seen: list[int] = []
+    real = faiss_index._training_sample
+
+    def spy(index, vectors):
+        out = real(index, vectors)
+        seen.append(len(out))
+        return out
+
+    monkeypatch.setattr(faiss_index, "TRAIN_PER_LIST", 20)
+    monkeypatch.setattr(faiss_index, "_training_sample", spy)
+    index, info = faiss_index.build_faiss(vecs, ids, "ivf")
+    assert seen == [20 * info["params"]["nlist"]] and seen[0] < N and index.ntotal == N
+
+
+# -- search.py: a filtered ANN search that misses hits is redone exactly ------------------------------
+class _VectorTextModel:
+    """Text-model stand-in for Index.open: the queries below are vectors, so it is never asked to encode."""
+
+    name, dim, context_length = "stand-in", 32, 77
+
+    def encode_text(self, texts):  # pragma: no cover - not reached
+        raise AssertionError("unexpected text query")
+
+
+def test_search_falls_back_to_exact_when_filtered_ann_misses(tmp_path: Path) -> None:
+    from conftest import StandInModel, make_photos
+
+    from ruclip_search.indexer import build
+    from ruclip_search.search import Index
+    from ruclip_search.store import Store
+
+    make_photos(tmp_path / "p" / "few", 6, size=24)
+    make_photos(tmp_path / "p" / "more", 6, size=24, seed=50)
+    build(tmp_path / "p", index=tmp_path / "idx", model=StandInModel(), workers=0)
+    with Store.open(tmp_path / "idx") as store:
+        real_ids, real_vecs = store.all_embeddings()
+        few = sorted(i for i, r in store.get_images(real_ids.tolist()).items() if "/few/" in r.path)
+        faiss_file = store.faiss_path()
+    # the index's 12 photos among 3000 synthetic vectors (ids no image has): IVF lists far from the query
+    filler, centres = clustered(n=3000, dim=32, seed=5)
+    vecs = np.vstack([real_vecs.astype(np.float32), filler])
+    ids = np.concatenate([real_ids, 1_000_000 + np.arange(len(filler))]).astype(np.int64)
+    ann, info = faiss_index.build_faiss(vecs, ids, "ivf")
+    assert info["type"] == "ivf" and info["params"]["nprobe"] < info["params"]["nlist"]
+    faiss_index.save_atomic(ann, faiss_file)
+    query = text_like_queries(centres, n=1, seed=9)[0]
+    k = 4
+    _, direct = faiss_index.search(ann, query, k, np.array(few, dtype=np.int64))
+    assert (direct >= 0).sum() < k  # precondition: the probed lists hold too few of the allowed photos
+
+    mask = np.isin(real_ids, few)
+    truth = [int(real_ids[mask][j]) for j in np.argsort(-(real_vecs[mask] @ query), kind="stable")[:k]]
+    with Index.open(tmp_path / "idx", model=_VectorTextModel(), device="cpu") as idx:
+        hits = idx.search(query, k=k, under=tmp_path / "p" / "few")
+        assert [h.id for h in hits] == truth
+        assert all("/few/" in h.path for h in hits)
+        by_id = dict(zip(real_ids.tolist(), real_vecs, strict=True))
+        for h in hits:
+            assert abs(h.score - float(by_id[h.id] @ query)) < 1e-3
