@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, defaults
 from .errors import RuclipSearchError
+from .walk import display_path
 
 F = Callable[..., Any]
 
@@ -26,18 +28,34 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a KeyboardInterrupt, so it takes Ctrl-C's clean-up path (the
+    current batch's transaction rolls back, decoding workers are stopped, committed batches are kept)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 class _Group(click.Group):
-    """Turns library errors (and Ctrl-C, disk full) into one-line messages and non-zero exits."""
+    """Turns library errors (and Ctrl-C, SIGTERM, disk full) into one-line messages and non-zero exits."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        main_thread = threading.current_thread() is threading.main_thread()
+        old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
         try:
             return super().invoke(ctx)
         except RuclipSearchError as e:
             _fail(str(e))
+        except _Terminated:
+            _fail("terminated; what was committed is kept, run the same command again to finish.", 143)
         except KeyboardInterrupt:
             _fail("interrupted; what was committed is kept, run the same command again to finish.", 130)
         except OSError as e:
             _fail(f"{e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}.")
+        finally:
+            if old_sigterm is not None:  # None: not in the main thread, or a handler Python did not install
+                signal.signal(signal.SIGTERM, old_sigterm)
 
 
 # -- shared options ----------------------------------------------------------------------------------
@@ -57,7 +75,7 @@ def model_option(f: F) -> F:
     return click.option(
         "--model",
         default=None,
-        help="Model name or folder (default: the index's model, else ruclip-vit-large-patch14-224).",
+        help=f"Model name or folder (default: the index's model, else {defaults.MODEL}).",
     )(f)
 
 
@@ -77,7 +95,7 @@ def index_type_option(default: str | None) -> Callable[[F], F]:
     return click.option(
         "--type",
         "index_type",
-        type=click.Choice(["auto", "flat", "hnsw", "ivf", "ivfpq"]),
+        type=click.Choice(defaults.INDEX_TYPES),
         default=default,
         show_default=default is not None,
         help="FAISS index type: auto is exact below 50k images, else ANN with recall@10 >= 0.95.",
@@ -149,13 +167,17 @@ def main() -> None:
     "--batch-size",
     type=click.IntRange(1),
     default=None,
-    help="Images per model batch [default: 64 on a GPU, 8 on the CPU].",
+    help=f"Images per model batch [default: {defaults.GPU_BATCH_SIZE} on a GPU, {defaults.CPU_BATCH_SIZE} on the CPU].",
 )
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (default: CPUs - 1).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
-@click.option("--max-pixels", type=click.IntRange(1), default=None, help="Skip images larger than this (pixels).")
-@click.option("--rebuild", is_flag=True, help="Re-encode everything (needed to switch models).")
+@click.option("--max-pixels", type=click.IntRange(1), default=defaults.MAX_PIXELS, show_default=True,
+              help="Skip images larger than this (pixels).")  # fmt: skip
+@click.option("--rebuild", is_flag=True,
+              help="Re-encode everything into a new index that replaces the old one when complete (searches "
+                   "use the old one until then; needed to switch models). Keeps the index's model unless "
+                   "--model says otherwise; folders not named in this run are dropped from the index.")  # fmt: skip
 @index_type_option(None)
 @quiet_option
 @json_option
@@ -183,14 +205,13 @@ def build(
       ruclip-index build ./photos ./phone --index indexes/all --exclude '*/.thumbnails/*'
       ruclip-index build ./photos --model ruclip-vit-base-patch32-224 --rebuild
     """
-    from .indexer import DEFAULT_MAX_PIXELS
     from .indexer import build as run_build
 
     progress = _Progress(quiet or as_json)
     try:
         report = run_build(
             list(photos_dir), index=index, model=model, device=device, batch_size=batch_size, workers=workers,
-            exclude=exclude, follow_symlinks=follow_symlinks, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            exclude=exclude, follow_symlinks=follow_symlinks, max_pixels=max_pixels,
             rebuild=rebuild, index_type=index_type, progress=progress,
         )  # fmt: skip
     finally:
@@ -247,12 +268,12 @@ def info(index: Path | None, show_errors: bool, as_json: bool) -> None:
     if errors:
         click.echo("")
         for e in errors:
-            click.echo(f"{os.fsencode(e['path']).decode('utf-8', 'replace')}: {e['error']}")
+            click.echo(f"{display_path(e['path'])}: {e['error']}")
 
 
 @main.command()
 @index_option()
-@index_type_option("auto")
+@index_type_option(defaults.INDEX_TYPE)
 @quiet_option
 @json_option
 def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> None:
@@ -305,42 +326,43 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
 
 
 # -- search commands (search, similar, classify, dupes) ----------------------------------------------
-def _parse_when(value: str | None, name: str) -> Any:
-    """--from/--to: YYYY-MM-DD (a date; --to then includes that day) or YYYY-MM-DDTHH:MM[:SS]."""
-    import datetime as dt
-
-    if value is None:
-        return None
-    try:
-        if "T" in value or " " in value:
-            return dt.datetime.fromisoformat(value)
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS.", param_hint=name) from None
-
-
 def filter_options(f: F) -> F:
-    """Shared result filters: -k, --offset, --min-score, --under, --from, --to, --format."""
+    """Shared result options: -k, --offset, and the filters --min-score, --under, --from, --to, --format."""
     for option in reversed([
-        click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="How many results."),
+        click.option("-k", "k", type=click.IntRange(1), default=defaults.K, show_default=True, help="How many results."),
         click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip this many first."),
         click.option("--min-score", type=float, default=None, help="Drop results below this cosine similarity."),
         click.option("--under", type=click.Path(path_type=Path), default=None, help="Only photos under this folder."),
-        click.option("--from", "date_from", metavar="DATE", default=None, help="Only photos taken on/after DATE."),
-        click.option("--to", "date_to", metavar="DATE", default=None, help="Only photos taken on/before DATE."),
+        click.option("--from", "date_from", metavar="DATE", default=None,
+                     help="Only photos taken on/after DATE (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS)."),
+        click.option("--to", "date_to", metavar="DATE", default=None,
+                     help="Only photos taken on/before DATE (a bare date includes that day)."),
         click.option("--format", "formats", multiple=True, metavar="FMT", help="Only this format, e.g. JPEG (repeatable)."),
     ]):  # fmt: skip
         f = option(f)
     return f
 
 
-def _filters(date_from: str | None, date_to: str | None, under: Path | None, formats: tuple[str, ...]) -> dict:
-    return {
-        "under": under,
-        "date_from": _parse_when(date_from, "--from"),
-        "date_to": _parse_when(date_to, "--to"),
-        "formats": set(formats) if formats else None,
-    }
+def _search_filters(
+    under: Path | None, date_from: str | None, date_to: str | None, formats: tuple[str, ...], min_score: float | None
+) -> Any:
+    """The filter options as one SearchFilters; a bad value is a usage error naming its option."""
+    from .errors import QueryError
+    from .filters import SearchFilters
+
+    given = {"under": under, "date_from": date_from, "date_to": date_to, "formats": formats or None,
+             "min_score": min_score}  # fmt: skip
+    try:
+        return SearchFilters.parse(**given)
+    except QueryError as e:
+        options = {"under": "--under", "date_from": "--from", "date_to": "--to", "formats": "--format",
+                   "min_score": "--min-score"}  # fmt: skip
+        for key, option in options.items():  # which option was it? (only on this error path)
+            try:
+                SearchFilters.parse(**{key: given[key]})
+            except QueryError as one:
+                raise click.BadParameter(str(one), param_hint=option) from None
+        raise click.BadParameter(str(e)) from None
 
 
 def _open_index(index: Path | None, device: str = "auto") -> Any:
@@ -358,7 +380,7 @@ def _print_hits(hits: list, as_json: bool, offset: int = 0) -> None:
         return
     width = len(str(offset + len(hits)))
     for rank, h in enumerate(hits, offset + 1):
-        click.echo(f"{rank:>{width}}  {h.score:7.4f}  {os.fsencode(h.path).decode('utf-8', 'replace')}")
+        click.echo(f"{rank:>{width}}  {h.score:7.4f}  {display_path(h.path)}")
 
 
 @main.command()
@@ -373,7 +395,8 @@ def _print_hits(hits: list, as_json: bool, offset: int = 0) -> None:
     help="Add an image as a query term (repeatable).",
 )
 @click.option("--minus", multiple=True, metavar="TEXT", help="Push results away from TEXT (repeatable).")
-@click.option("--minus-weight", type=float, default=0.5, show_default=True, help="Weight of each --minus term.")
+@click.option("--minus-weight", type=float, default=defaults.MINUS_WEIGHT, show_default=True,
+              help="Weight of each --minus term.")  # fmt: skip
 @device_option
 @json_option
 def search(query: str | None, index: Path | None, k: int, offset: int, min_score: float | None, under: Path | None,
@@ -385,14 +408,14 @@ def search(query: str | None, index: Path | None, k: int, offset: int, min_score
 
     \b
       ruclip-index search "рыжий кот спит на диване"
-      ruclip-index search "кот" --minus "собака" -k 20 --from 2023-01-01
+      ruclip-index search "кот" --minus "собака" -k 50 --from 2023-01-01
       ruclip-index search "море" --image beach.jpg --json
     """
     from .errors import QueryError
 
     if (query is None or not query.strip()) and not images:
         raise QueryError("The query is empty: type what to look for, e.g. ruclip-index search 'кот на диване'.")
-    filters = _filters(date_from, date_to, under, formats)
+    filters = _search_filters(under, date_from, date_to, formats, min_score)
     idx = _open_index(index, device)
     try:
         for text in [query or "", *minus]:
@@ -404,7 +427,7 @@ def search(query: str | None, index: Path | None, k: int, offset: int, min_score
         terms: list[Any] = [query] if query and query.strip() else []
         terms += list(images) + [(m, -abs(minus_weight)) for m in minus]
         q = terms[0] if len(terms) == 1 else terms
-        hits = idx.search(q, k=k, offset=offset, min_score=min_score, **filters)
+        hits = idx.search(q, k=k, offset=offset, filters=filters)
     finally:
         idx.close()
     _print_hits(hits, as_json, offset)
@@ -427,15 +450,13 @@ def similar(photo: Path, index: Path | None, k: int, offset: int, min_score: flo
       ruclip-index similar ./photos/cat.jpg
       ruclip-index similar ~/Downloads/example.jpg -k 5
     """
-    filters = _filters(date_from, date_to, under, formats)
+    filters = _search_filters(under, date_from, date_to, formats, min_score)
     idx = _open_index(index, device)
     try:
         if idx.store.find_path(photo) is not None:
-            hits = idx.similar(photo, k=k, offset=offset, **filters)
+            hits = idx.similar(photo, k=k, offset=offset, filters=filters)
         else:
-            hits = idx.search_image(photo, k=k, offset=offset, **filters)
-        if min_score is not None:
-            hits = [h for h in hits if h.score >= min_score]
+            hits = idx.search_image(photo, k=k, offset=offset, filters=filters)
     finally:
         idx.close()
     _print_hits(hits, as_json, offset)
@@ -469,12 +490,12 @@ def classify(
         return
     width = max((len(lab) for _, lab, _ in result), default=0)
     for path, label, score in result:
-        click.echo(f"{label:<{width}}  {score:7.4f}  {os.fsencode(path).decode('utf-8', 'replace')}")
+        click.echo(f"{label:<{width}}  {score:7.4f}  {display_path(path)}")
 
 
 @main.command()
 @index_option()
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=0.95, show_default=True,
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=defaults.DUPLICATE_THRESHOLD, show_default=True,
               help="Cosine similarity above which two photos count as near-duplicates.")  # fmt: skip
 @json_option
 def dupes(index: Path | None, threshold: float, as_json: bool) -> None:
@@ -499,7 +520,7 @@ def dupes(index: Path | None, threshold: float, as_json: bool) -> None:
     for n, group in enumerate(result, 1):
         click.echo(f"group {n} ({len(group)} photos)")
         for path in group:
-            click.echo(f"  {os.fsencode(path).decode('utf-8', 'replace')}")
+            click.echo(f"  {display_path(path)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

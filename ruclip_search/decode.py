@@ -36,7 +36,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 #: PIL's hard decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS): ~179 MP, about 537 MB as RGB.
 #: Large enough for 100+ MP medium-format cameras and stitched panoramas; raise it with --max-pixels.
-DEFAULT_MAX_PIXELS = 178_956_970
+from .defaults import MAX_PIXELS as DEFAULT_MAX_PIXELS  # noqa: E402  (one value, in defaults.py)
 
 Source = str | os.PathLike | bytes | BinaryIO | Image.Image
 
@@ -80,7 +80,7 @@ def image_info(source: Source) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # PIL warns about corrupt EXIF and the like: nothing a caller can act on
         with _opened(source) as im:
             try:
-                return _info(im)
+                return _info(im, im.size)
             except Exception as exc:
                 raise ImageError(_decode_reason(exc, im.format or "image")) from exc
 
@@ -105,12 +105,16 @@ def decode(
             full_size = im.size
             scale = 1
             try:
-                info = _info(im)
                 if draft_size and not isinstance(source, Image.Image):
                     drafted = im.draft("RGB", (draft_size, draft_size))  # None unless a JPEG that can shrink
                     if drafted is not None:
                         scale = round(full_size[0] / drafted[1][2])
+                # Load the pixels before reading EXIF: PNG's getexif() loads them itself when no eXIf chunk
+                # came before the image data, _exif() would swallow that load's error, and a second load()
+                # then returns at once with a part-decoded image. TIFF also applies its orientation while
+                # loading (and drops the tag), so reading EXIF afterwards does not rotate it twice.
                 im.load()
+                info = _info(im, full_size)
                 rgb = _to_rgb(im)
                 if orient:
                     rgb = transpose(rgb, info["orientation"])
@@ -265,9 +269,10 @@ def transpose(im: Image.Image, orientation: int) -> Image.Image:
     return im.transpose(method) if method is not None else im
 
 
-def _info(im: Image.Image) -> dict[str, Any]:
+def _info(im: Image.Image, size: tuple[int, int]) -> dict[str, Any]:
+    """image_info()'s dict for ``im``, whose header size (before any draft) is ``size``."""
     exif = _exif(im)
-    width, height = im.size
+    width, height = size
     make = model = taken_at = None
     orientation = 1
     if exif is not None:

@@ -1,3 +1,4 @@
+# TEMPORARY NOTE (remove before the final commit): several engineers edit this working tree concurrently. READ /tmp/rules.md NOW and follow it (ownership, no git stash/checkout/reset/add -A/commit -a, targeted tests only).
 """`build`: walk photo folders, decode in worker processes ahead of the model, batch-encode, store, index.
 
 Incremental (size + mtime_ns, content hash for moves and duplicates), crash-safe (each batch is one SQLite
@@ -9,22 +10,20 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import faiss_index
+from . import defaults, faiss_index
 from .errors import ModelMismatchError, RuclipSearchError, StorageError
 from .loader import MAIN_GUARD_HINT, FileMeta, Loaded, _Decoder, hash_file
-from .store import IndexLock, Store, encode_embedding
+from .store import ImageWrite, IndexLock, ScanRow, Store, encode_embedding
 from .walk import walk
-
-DEFAULT_MODEL = "ruclip-vit-large-patch14-224"
-DEFAULT_MAX_PIXELS = 178_956_970
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -65,10 +64,9 @@ def model_key(model: Any) -> str:
     """The name an index records for a model: registry name, or absolute folder path (as encoder names it)."""
     if not isinstance(model, (str, os.PathLike)):
         return str(model.name)
-    from .registry import CONFIGS
+    from .registry import model_key as registry_key
 
-    name = os.fspath(model)
-    return name if name in CONFIGS else str(Path(name).expanduser().resolve())
+    return registry_key(model)
 
 
 @dataclass
@@ -86,9 +84,11 @@ class _Job:
 
 # -- the build ---------------------------------------------------------------------------------------
 class _Build:
-    def __init__(self, store: Store, report: BuildReport, model: Any, device: str, batch_size: int,
+    def __init__(self, store: Store, report: BuildReport, model: Any, name: str, device: str, batch_size: int,
                  progress: Progress | None) -> None:  # fmt: skip
         self.store, self.report, self.model_arg, self.device = store, report, model, device
+        self.name = name  # what the index records once this model's first batch is committed
+        self.recorded = False
         self.batch_size = max(1, batch_size)
         self.progress = progress
         self._model: Any = None
@@ -109,12 +109,11 @@ class _Build:
             else:
                 self._model = self.model_arg
             stored = self.store.dim
-            if stored is not None and stored != self._model.dim:
+            if stored is not None and stored != self._model.dim and self.store.has_embeddings():
                 raise ModelMismatchError(
                     f"Index has {stored}-d embeddings but the model makes {self._model.dim}-d ones: "
                     "use the index's model, or --rebuild."
                 )
-            self.store.set_meta(dim=str(self._model.dim))
         return self._model
 
     def preprocessor(self) -> Any:
@@ -126,16 +125,13 @@ class _Build:
         else:
             self.report.updated += 1
 
-    def _row(self, job: _Job, digest: bytes | None, file_meta: FileMeta | None, emb: bytes | None,
-             error: str | None):  # fmt: skip
-        meta = asdict(file_meta) if file_meta is not None else {}
-        return {
-            "root_id": job.root_id, "relpath": job.relpath, "size": job.size, "mtime_ns": job.mtime_ns,
-            "content_hash": digest, "width": meta.get("width"), "height": meta.get("height"),
-            "format": meta.get("format"), "taken_at": meta.get("taken_at"),
-            "camera_make": meta.get("camera_make"), "camera_model": meta.get("camera_model"),
-            "error": error, "embedding": emb, "indexed_at": time.time(),
-        }  # fmt: skip
+    @staticmethod
+    def _row(job: _Job, digest: bytes | None, file_meta: FileMeta | None, emb: bytes | None,
+             error: str | None) -> ImageWrite:  # fmt: skip
+        return ImageWrite(
+            job.root_id, job.relpath, job.size, job.mtime_ns, content_hash=digest, meta=file_meta, embedding=emb,
+            error=error,
+        )  # fmt: skip
 
     def add(self, job: _Job, result: Loaded) -> None:
         pixels, digest, info = result.pixels, result.content_hash, result.meta
@@ -159,7 +155,7 @@ class _Build:
 
     def flush(self) -> None:
         """Encode the batch and commit it, with failures, in one transaction."""
-        rows: list[tuple[dict, int | None]] = []
+        rows: list[tuple[ImageWrite, int | None]] = []
         if self.batch:
             import torch
 
@@ -181,8 +177,11 @@ class _Build:
             self.report.errors.append((job.path, reason))
         if rows:
             with self.store.transaction() as conn:
-                for values, row_id in rows:
-                    self.store.upsert_image(conn, values, row_id)
+                if self.batch and not self.recorded:  # the index is bound to a model once it holds its vectors
+                    self.store.set_model(conn, self.name, self.model.dim)
+                for row, row_id in rows:
+                    self.store.upsert_image(conn, row, row_id)
+            self.recorded = self.recorded or bool(self.batch)
         self._tick(len(rows))
         self.batch, self.failures = [], []
 
@@ -217,7 +216,7 @@ def _clean_stale_files(store: Store) -> None:
 
 def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
     """(Re)build the FAISS file from the stored embeddings and switch meta to it atomically."""
-    kind = kind or store.get_meta("index_kind") or "auto"
+    kind = kind or store.get_meta("index_kind") or defaults.INDEX_TYPE
     data_version = store.data_version()
     ids, vectors = store.all_embeddings()
     if store.dim is None:
@@ -252,7 +251,7 @@ def build(
     workers: int | None = None,
     exclude: Iterable[str] = (),
     follow_symlinks: bool = False,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = defaults.MAX_PIXELS,
     rebuild: bool = False,
     index_type: str | None = None,
     progress: Progress | None = None,
@@ -260,6 +259,8 @@ def build(
     """Index (or update the index of) photo folders; returns counts and speed. See the module docstring.
 
     `model`: registry name, folder or loaded RuCLIP; default the index's own model, else the default model.
+    `rebuild`: re-encode everything into a new index that replaces this one when complete (readers keep the
+    old one until then); the new index holds only the `photos` folders of this run.
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise RuclipSearchError(MAIN_GUARD_HINT)
@@ -272,15 +273,21 @@ def build(
     for root in roots:
         if not os.path.isdir(root):
             raise RuclipSearchError(f"No such folder: {root!r}. Check the path and run again.")
+    if index_type is not None and index_type not in defaults.INDEX_TYPES:
+        raise RuclipSearchError(f"Unknown index type {index_type!r}: use one of {', '.join(defaults.INDEX_TYPES)}.")
     index_dir = Path(index) if index is not None else default_index_dir(roots)
     if workers is None:
         workers = max(1, (os.cpu_count() or 2) - 1)
     report = BuildReport(index=str(index_dir))
-    with IndexLock(index_dir):
+    opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, index_type,
+                    progress)  # fmt: skip
+    with IndexLock(index_dir, create=True):
         store = Store.create(index_dir)
         try:
-            _run(store, report, roots, model, device, batch_size, workers, exclude, follow_symlinks,
-                 max_pixels, rebuild, index_type, progress)  # fmt: skip
+            if rebuild:
+                _rebuild(store, report, roots, opts)
+            else:
+                _run(store, report, roots, opts)
         finally:
             store.close()
     report.seconds = round(time.perf_counter() - t0, 3)
@@ -290,45 +297,56 @@ def build(
 
 
 def default_batch_size(device: str) -> int:
-    """64 images per batch on a GPU; 8 on the CPU, where bigger batches are no faster and a small one
-    lets encoding start early and overlap with decoding."""
+    """defaults.GPU_BATCH_SIZE images per batch on a GPU, defaults.CPU_BATCH_SIZE on the CPU (where bigger
+    batches are no faster and a small one lets encoding start early and overlap with decoding)."""
     from .encoder import pick_device
 
-    return 64 if pick_device(device).type == "cuda" else 8
+    return defaults.GPU_BATCH_SIZE if pick_device(device).type == "cuda" else defaults.CPU_BATCH_SIZE
 
 
-def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device: str, batch_size: int | None,
-         workers: int, exclude: Iterable[str], follow_symlinks: bool, max_pixels: int | None, rebuild: bool,
-         index_type: str | None, progress: Progress | None) -> None:  # fmt: skip
-    _clean_stale_files(store)
-    stored_model = store.get_meta("model")
+@dataclass(frozen=True)
+class _Options:
+    """build()'s arguments that `_run` passes through unchanged."""
+
+    model: Any
+    device: str
+    batch_size: int | None
+    workers: int
+    exclude: tuple[str, ...]
+    follow_symlinks: bool
+    max_pixels: int | None
+    index_type: str | None
+    progress: Progress | None
+
+
+def _model_name(store: Store, report: BuildReport, model: Any) -> str:
+    """The model this build uses: the one asked for, else the index's, else the default.
+
+    Only an index that holds embeddings is bound to its model: one whose builds never encoded anything (the
+    model could not be loaded, every file failed) accepts any.
+    """
     requested = model_key(model) if model is not None else None
-    if rebuild:
-        with store.transaction() as conn:
-            conn.exec_driver_sql("DELETE FROM images")
-            store._set_meta(conn, model=None, dim=None)
-        stored_model = None
-    elif stored_model and requested and requested != stored_model:
+    stored = store.model_name
+    if stored and requested and requested != stored and store.has_embeddings():
         raise ModelMismatchError(
-            f"Index {report.index!r} was built with model {stored_model!r}, not {requested!r}: "
+            f"Index {report.index!r} was built with model {stored!r}, not {requested!r}: "
             "omit --model to use the index's model, or pass --rebuild to re-encode everything."
         )
-    name = requested or stored_model or DEFAULT_MODEL
     if isinstance(model, (str, os.PathLike)):
         from .registry import CONFIGS, resolve
 
         if os.fspath(model) not in CONFIGS:
             resolve(model)  # a missing or incomplete model folder fails now, before any work
-    if model is None:
-        model = name
+    return requested or stored or defaults.MODEL
+
+
+def _run(store: Store, report: BuildReport, roots: list[str], opts: _Options) -> None:
+    _clean_stale_files(store)
+    name = _model_name(store, report, opts.model)
+    model = opts.model if opts.model is not None else name
     report.model = name
-    if stored_model != name:
-        store.set_meta(model=name)
+    index_type, progress = opts.index_type, opts.progress
     if index_type is not None:
-        if index_type not in faiss_index.INDEX_KINDS:
-            raise RuclipSearchError(
-                f"Unknown index type {index_type!r}: use one of {', '.join(faiss_index.INDEX_KINDS)}."
-            )
         store.set_meta(index_kind=index_type)
 
     # 1. Walk and diff by (size, mtime_ns).
@@ -337,7 +355,7 @@ def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device
     seen: set[tuple[int, bytes]] = set()
     jobs: list[_Job] = []
     scanned = 0
-    for entry in walk(roots, exclude=exclude, follow_symlinks=follow_symlinks):
+    for entry in walk(roots, exclude=opts.exclude, follow_symlinks=opts.follow_symlinks):
         rid = root_ids[entry.root]
         key = (rid, os.fsencode(entry.relpath))
         seen.add(key)
@@ -345,10 +363,14 @@ def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device
         if progress is not None and scanned % 1000 == 0:
             progress("scan", scanned, None)
         row = state.get(key)
-        if row is not None and row[1] == entry.size and row[2] == entry.mtime_ns and (row[4] or row[5]):
+        if (
+            row is not None
+            and (row.size, row.mtime_ns) == (entry.size, entry.mtime_ns)
+            and (row.has_embedding or row.has_error)
+        ):
             report.unchanged += 1
             continue
-        jobs.append(_Job(rid, key[1], entry.path, entry.size, entry.mtime_ns, row[0] if row else None))
+        jobs.append(_Job(rid, key[1], entry.path, entry.size, entry.mtime_ns, row.id if row else None))
     if progress is not None:
         progress("scan", scanned, scanned)
     wanted = set(root_ids.values())
@@ -358,14 +380,13 @@ def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device
 
     # 4. Decode ahead in worker processes, encode in batches, commit per batch.
     if to_decode:
-        if batch_size is None:
-            batch_size = default_batch_size(device)
-        b = _Build(store, report, model, device, batch_size, progress)
+        batch_size = opts.batch_size if opts.batch_size is not None else default_batch_size(opts.device)
+        b = _Build(store, report, model, name, opts.device, batch_size, progress)
         b.total = len(to_decode)
-        decoder = _Decoder(None, max_pixels, workers, ahead=b.batch_size)
+        decoder = _Decoder(None, opts.max_pixels, opts.workers, ahead=b.batch_size)
         decoder.prestart()  # worker processes boot while the model loads
         decoder.pre = b.preprocessor()
-        threads = _share_cpus(b.model, workers)
+        threads = _share_cpus(b.model, opts.workers)
         try:
             for job, result in decoder.run(to_decode):
                 b.add(job, result)
@@ -395,13 +416,75 @@ def _run(store: Store, report: BuildReport, roots: list[str], model: Any, device
     report.recall_at_10 = float(recall) if recall else None
 
 
-def _apply_known_content(store: Store, report: BuildReport, state: dict, jobs: list[_Job], gone: dict) -> list[_Job]:
+STAGING_DIR = ".rebuild"  # inside the index folder: same filesystem, so the FAISS file moves atomically
+
+
+def _rebuild(live: Store, report: BuildReport, roots: list[str], opts: _Options) -> None:
+    """--rebuild: build a complete new index in <index>/.rebuild with the normal pipeline, then switch to it.
+
+    Readers keep the previous index, complete, until the switch: one transaction that replaces the rows and
+    the meta (model, dim, faiss_file, index_version) together. A killed or failed rebuild leaves the index as
+    it was, and running the rebuild again resumes the staged one where it stopped (same model).
+    """
+    _clean_stale_files(live)
+    name = model_key(opts.model) if opts.model is not None else (live.model_name or defaults.MODEL)
+    staged = _open_staging(live.dir / STAGING_DIR, name)
+    try:
+        kind = opts.index_type or live.get_meta("index_kind")
+        if kind is not None:
+            staged.set_meta(index_kind=kind)
+        staged.keep_roots(roots)  # what a resumed rebuild staged for other folders goes
+        _run(staged, report, roots, replace(opts, model=opts.model if opts.model is not None else name))
+        _switch(live, staged)
+    finally:
+        staged.close()
+    shutil.rmtree(live.dir / STAGING_DIR, ignore_errors=True)
+    report.index_type = live.get_meta("index_type")
+
+
+def _open_staging(folder: Path, name: str) -> Store:
+    """The staged index of an interrupted rebuild with the same model, to resume; else a new one."""
+    if folder.exists():
+        try:
+            staged = Store.create(folder)
+            if staged.model_name in (None, name) or not staged.has_embeddings():
+                return staged
+            staged.close()
+        except RuclipSearchError:
+            pass
+        shutil.rmtree(folder)
+    return Store.create(folder)
+
+
+def _switch(live: Store, staged: Store) -> None:
+    """Make the staged index the live one: move its FAISS file in under a new name, then swap the rows."""
+    version = max(live.index_version(), staged.index_version()) + 1
+    source, name = staged.faiss_path(), None
+    if source is not None and source.exists():
+        name = f"faiss-{version}.index"
+        try:
+            os.replace(source, live.dir / name)  # before the commit; an orphan left by a crash is cleaned later
+        except OSError as e:
+            raise StorageError(f"Cannot move the new FAISS index into {str(live.dir)!r}: {e.strerror or e}.") from e
+    old = live.get_meta("faiss_file")
+    live.replace_with(staged, faiss_file=name, index_version=str(version))
+    if old and old != name:
+        try:
+            (live.dir / old).unlink()
+        except OSError:
+            pass
+
+
+def _apply_known_content(
+    store: Store, report: BuildReport, state: dict[tuple[int, bytes], ScanRow], jobs: list[_Job],
+    gone: dict[tuple[int, bytes], ScanRow],
+) -> list[_Job]:  # fmt: skip
     """One transaction: touches, moves and duplicates (by content hash, no model run) and deletions.
 
     Content is hashed here only where a stored embedding could match (same size); returns files to decode.
     """
-    sizes = {row[1] for row in state.values() if row[4]}
-    gone_by_hash = {row[3]: key for key, row in gone.items() if row[4] and row[3]}
+    sizes = {row.size for row in state.values() if row.has_embedding}
+    gone_by_hash = {row.content_hash: key for key, row in gone.items() if row.has_embedding and row.content_hash}
     to_decode: list[_Job] = []
     with store.transaction() as conn:
         for job in jobs:
@@ -409,30 +492,19 @@ def _apply_known_content(store: Store, report: BuildReport, state: dict, jobs: l
                 job.content_hash = hash_file(job.path)
             digest = job.content_hash
             old = state.get((job.root_id, job.relpath))
-            if digest is not None and old is not None and old[3] == digest and old[4]:
-                conn.exec_driver_sql(
-                    "UPDATE images SET size=?, mtime_ns=? WHERE id=?", (job.size, job.mtime_ns, job.row_id)
-                )
+            if digest is not None and old is not None and old.content_hash == digest and old.has_embedding:
+                store.touch(conn, old.id, job.size, job.mtime_ns)
                 report.unchanged += 1  # touched, same content
             elif digest is not None and job.row_id is None and digest in gone_by_hash:
-                row = gone.pop(gone_by_hash.pop(digest))
-                conn.exec_driver_sql(
-                    "UPDATE images SET root_id=?, relpath=?, size=?, mtime_ns=?, indexed_at=? WHERE id=?",
-                    (job.root_id, job.relpath, job.size, job.mtime_ns, time.time(), row[0]),
-                )
+                moved = gone.pop(gone_by_hash.pop(digest))
+                store.move(conn, moved.id, job.root_id, job.relpath, job.size, job.mtime_ns)
                 report.moved += 1
-            elif digest is not None and (emb := store.embedding_by_hash(digest)) is not None:
-                src = conn.exec_driver_sql(
-                    "SELECT width, height, format, taken_at, camera_make, camera_model FROM images "
-                    "WHERE content_hash=? AND embedding IS NOT NULL LIMIT 1",
-                    (digest,),
-                ).first()
-                values = {
-                    "root_id": job.root_id, "relpath": job.relpath, "size": job.size,
-                    "mtime_ns": job.mtime_ns, "content_hash": digest, "error": None, "embedding": emb,
-                    **(dict(src._mapping) if src is not None else {}),
-                }  # fmt: skip
-                store.upsert_image(conn, values, job.row_id)
+            elif digest is not None and (known := store.content_by_hash(conn, digest)) is not None:
+                row = ImageWrite(
+                    job.root_id, job.relpath, job.size, job.mtime_ns, content_hash=digest, meta=known.meta,
+                    embedding=known.embedding,
+                )  # fmt: skip
+                store.upsert_image(conn, row, job.row_id)
                 report.reused += 1
                 if job.row_id is None:
                     report.added += 1
@@ -441,16 +513,16 @@ def _apply_known_content(store: Store, report: BuildReport, state: dict, jobs: l
             else:
                 to_decode.append(job)
         # 3. Deleted files (those not claimed by a move).
-        store.delete_images(conn, [row[0] for row in gone.values()])
+        store.delete_images(conn, [row.id for row in gone.values()])
         report.removed = len(gone)
     return to_decode
 
 
-def reindex(index: str | os.PathLike[str], kind: str = "auto") -> dict[str, Any]:
+def reindex(index: str | os.PathLike[str], kind: str = defaults.INDEX_TYPE) -> dict[str, Any]:
     """Rebuild the FAISS file of an index from its stored embeddings (no model run); returns its info."""
-    if kind not in faiss_index.INDEX_KINDS:
-        raise RuclipSearchError(f"Unknown index type {kind!r}: use one of {', '.join(faiss_index.INDEX_KINDS)}.")
-    with IndexLock(index):
+    if kind not in defaults.INDEX_TYPES:
+        raise RuclipSearchError(f"Unknown index type {kind!r}: use one of {', '.join(defaults.INDEX_TYPES)}.")
+    with IndexLock(index):  # raises IndexNotFoundError, creating nothing, when there is no index
         store = Store.open(index, readonly=False)
         try:
             info = write_faiss(store, kind)

@@ -1,3 +1,4 @@
+# TEMPORARY NOTE (remove before the final commit): several engineers edit this working tree concurrently. READ /tmp/rules.md NOW and follow it (ownership, no git stash/checkout/reset/add -A/commit -a, targeted tests only).
 """The index's SQLite database (SQLAlchemy Core): roots, per-image metadata and float16 embeddings, meta keys.
 
 Writers (the indexer) hold the directory lock; readers (search, server) use the read API below and may run
@@ -12,15 +13,17 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import sqlalchemy as sa
 
 from .errors import IndexLockedError, IndexNotFoundError, StorageError
+from .filters import SearchFilters
 
 DB_NAME = "index.db"
 LOCK_NAME = ".lock"
@@ -48,9 +51,12 @@ images_table = sa.Table(
     sa.Column("taken_at", sa.Text),
     sa.Column("camera_make", sa.Text),
     sa.Column("camera_model", sa.Text),
-    sa.Column("indexed_at", sa.Float),
+    sa.Column("indexed_at", sa.REAL),
     sa.Column("error", sa.Text),
     sa.Column("embedding", sa.LargeBinary),
+    sa.UniqueConstraint("root_id", "relpath"),
+    sa.Index("ix_images_content_hash", "content_hash"),
+    sqlite_autoincrement=True,  # ids are FAISS ids: never reuse the id of a deleted row
 )
 
 # Numbered migrations: frozen SQL, never edited once released. Index i upgrades schema i -> i+1.
@@ -86,10 +92,81 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-IMAGE_COLUMNS = (
-    "id root_id relpath size mtime_ns content_hash width height format taken_at camera_make camera_model "
-    "indexed_at error"
-).split()
+#: Every image column but the embedding (what readers load per record), from the table definition.
+IMAGE_COLUMNS = tuple(c.name for c in images_table.columns if c.name != "embedding")
+#: What a file's header/EXIF says (loader.FileMeta has these fields, in this order).
+META_COLUMNS = ("width", "height", "format", "taken_at", "camera_make", "camera_model")
+
+
+class FileMetaLike(Protocol):
+    """Header/EXIF metadata of one file: loader.FileMeta, or the `ImageMeta` the store read back."""
+
+    @property
+    def width(self) -> int | None: ...
+    @property
+    def height(self) -> int | None: ...
+    @property
+    def format(self) -> str | None: ...
+    @property
+    def taken_at(self) -> str | None: ...
+    @property
+    def camera_make(self) -> str | None: ...
+    @property
+    def camera_model(self) -> str | None: ...
+
+
+class ImageMeta(NamedTuple):
+    """Header/EXIF metadata as stored (same fields as loader.FileMeta)."""
+
+    width: int | None
+    height: int | None
+    format: str | None
+    taken_at: str | None
+    camera_make: str | None
+    camera_model: str | None
+
+
+class ScanRow(NamedTuple):
+    """What the indexer's diff needs of one stored file (see `Store.scan_state`)."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    content_hash: bytes | None
+    has_embedding: bool
+    has_error: bool
+
+
+class StoredContent(NamedTuple):
+    """A stored embedding of some content and that file's metadata (reused for moves and duplicates)."""
+
+    embedding: bytes
+    meta: ImageMeta
+
+
+@dataclass(frozen=True, slots=True)
+class ImageWrite:
+    """One row the indexer writes: a file, its content hash, metadata, and an embedding or an error."""
+
+    root_id: int
+    relpath: bytes
+    size: int
+    mtime_ns: int
+    content_hash: bytes | None = None
+    meta: FileMetaLike | None = None
+    embedding: bytes | None = None
+    error: str | None = None
+    indexed_at: float | None = None  # None: now
+
+    def values(self) -> dict[str, Any]:
+        """Column -> value for an INSERT or UPDATE."""
+        meta = self.meta
+        return {
+            "root_id": self.root_id, "relpath": self.relpath, "size": self.size, "mtime_ns": self.mtime_ns,
+            "content_hash": self.content_hash, "embedding": self.embedding, "error": self.error,
+            "indexed_at": time.time() if self.indexed_at is None else self.indexed_at,
+            **{c: getattr(meta, c) if meta is not None else None for c in META_COLUMNS},
+        }  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +217,27 @@ def _on_connect(readonly: bool):
     return connect
 
 
+def _connector(db_path: Path, readonly: bool) -> Callable[[], sqlite3.Connection]:
+    """How the engine opens the database: readers through a read-only URI, with the path percent-encoded.
+
+    A creator, not an SQLAlchemy URL: a URL cut folder names at '#' or '?' (dropping mode=ro, so a reader
+    created an empty database at the cut path).
+    """
+    path = os.path.abspath(db_path)
+    if readonly:
+        uri = f"file:{urllib.parse.quote(path)}?mode=ro"
+        return lambda: sqlite3.connect(uri, uri=True, check_same_thread=False)
+    return lambda: sqlite3.connect(path, check_same_thread=False)
+
+
+def _require_index(index_dir: str | os.PathLike[str]) -> None:
+    """Raise IndexNotFoundError unless `index_dir` holds an index database (creates nothing)."""
+    if not (Path(index_dir) / DB_NAME).is_file():
+        raise IndexNotFoundError(
+            f"No index at {os.fspath(index_dir)!r}: build one with `ruclip-index build PHOTOS_DIR`."
+        )
+
+
 class Store:
     """Handle on an index directory's database. Use `Store.open` (readers) or `Store.create` (the indexer)."""
 
@@ -147,29 +245,65 @@ class Store:
         self.dir = Path(index_dir)
         self.db_path = self.dir / DB_NAME
         self.readonly = readonly
-        url = f"sqlite:///file:{self.db_path}?mode=ro&uri=true" if readonly else f"sqlite:///{self.db_path}"
-        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool if readonly else None)
+        pool = sa.pool.NullPool if readonly else sa.pool.QueuePool
+        self.engine = sa.create_engine("sqlite://", creator=_connector(self.db_path, readonly), poolclass=pool)
         sa.event.listen(self.engine, "connect", _on_connect(readonly))
-        self._roots: dict[int, str] | None = None
+        self._roots: tuple[Any, dict[int, str]] | None = None  # (data_version, roots), see _current_roots
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
     def open(cls, index_dir: str | os.PathLike[str], *, readonly: bool = True) -> Store:
-        """Open an existing index (raises IndexNotFoundError, or StorageError if its schema is newer)."""
-        if not (Path(index_dir) / DB_NAME).is_file():
-            raise IndexNotFoundError(
-                f"No index at {os.fspath(index_dir)!r}: build one with `ruclip-index build PHOTOS_DIR`."
-            )
+        """Open an existing index (raises IndexNotFoundError, or StorageError if its schema is newer).
+
+        A reader that finds an older schema upgrades it in place when that is safe (the folder is writable
+        and no build holds the lock), else raises a StorageError that says to run a build.
+        """
+        _require_index(index_dir)
         store = cls(index_dir, readonly=readonly)
-        version = store.schema_version()
-        if version > SCHEMA_VERSION:
-            raise StorageError(
-                f"Index {os.fspath(index_dir)!r} has schema {version}, newer than this ruclip-search "
-                f"({SCHEMA_VERSION}): upgrade ruclip-search."
-            )
-        if version < SCHEMA_VERSION and not readonly:
-            store.migrate()
+        try:
+            version = store.schema_version()
+            if version > SCHEMA_VERSION:
+                raise StorageError(
+                    f"Index {os.fspath(index_dir)!r} has schema {version}, newer than this ruclip-search "
+                    f"({SCHEMA_VERSION}): upgrade ruclip-search."
+                )
+            if version < SCHEMA_VERSION and readonly:
+                store.close()
+                cls._upgrade_for_reader(index_dir, version)
+                store = cls(index_dir, readonly=True)
+            elif version < SCHEMA_VERSION:
+                store.migrate()
+        except BaseException:
+            store.close()
+            raise
         return store
+
+    @classmethod
+    def _upgrade_for_reader(cls, index_dir: str | os.PathLike[str], version: int) -> None:
+        """Migrate an older index a reader opened, under the write lock; StorageError with a hint when not safe."""
+
+        def cannot(why: str) -> StorageError:
+            return StorageError(
+                f"Index {os.fspath(index_dir)!r} has schema {version}, older than this ruclip-search "
+                f"({SCHEMA_VERSION}), and cannot be upgraded now ({why}): run `ruclip-index build PHOTOS_DIR "
+                f"--index {os.fspath(index_dir)}` once to upgrade it."
+            )
+
+        if not (os.access(index_dir, os.W_OK) and os.access(Path(index_dir) / DB_NAME, os.W_OK)):
+            raise cannot("the index folder is read-only")
+        try:
+            lock = IndexLock(index_dir).acquire()
+        except IndexLockedError:
+            raise cannot("a build holds it") from None
+        except OSError as e:
+            raise cannot(e.strerror or str(e)) from e
+        try:
+            with cls(index_dir, readonly=False) as writer:
+                writer.migrate()
+        except StorageError as e:
+            raise cannot(str(e)) from e
+        finally:
+            lock.release()
 
     @classmethod
     def create(cls, index_dir: str | os.PathLike[str]) -> Store:
@@ -179,7 +313,11 @@ class Store:
         except OSError as e:
             raise StorageError(f"Cannot create index folder {os.fspath(index_dir)!r}: {e.strerror}.") from e
         store = cls(index_dir, readonly=False)
-        store.migrate()
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def close(self) -> None:
@@ -193,23 +331,35 @@ class Store:
 
     # -- schema --------------------------------------------------------------------------------------
     def schema_version(self) -> int:
-        with self.engine.connect() as conn:
-            has_meta = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").first()
-            if not has_meta:
-                return 0
-            row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
-            return int(row[0]) if row else 0
+        """The schema the database is at (0: empty); StorageError when it is not an index database."""
+        try:
+            with self.engine.connect() as conn:
+                has_meta = conn.execute(
+                    sa.text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'")
+                ).first()
+                if not has_meta:
+                    return 0
+                row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
+                return int(row[0]) if row else 0
+        except sa.exc.DBAPIError as e:
+            raise StorageError(
+                f"Cannot read {str(self.db_path)!r} ({e.orig}): it is not an index database, or it is damaged; "
+                "build the index again into a new folder."
+            ) from e
 
     def migrate(self, target: int = SCHEMA_VERSION) -> int:
         """Apply migrations up to `target`, each in its own transaction; returns the new version."""
         version = self.schema_version()
-        while version < target:
-            name, statements = MIGRATIONS[version]
-            with self.engine.begin() as conn:
-                for stmt in statements:
-                    conn.exec_driver_sql(stmt)
+        try:
+            while version < target:
+                name, statements = MIGRATIONS[version]
+                with self.engine.begin() as conn:
+                    for stmt in statements:
+                        conn.exec_driver_sql(stmt)
+                    self._set_meta(conn, schema_version=str(version + 1), **{f"migration_{version + 1:03d}": name})
                 version += 1
-                self._set_meta(conn, schema_version=str(version), **{f"migration_{version:03d}": name})
+        except sa.exc.DBAPIError as e:
+            raise StorageError(f"Cannot upgrade the index database {str(self.db_path)!r}: {e.orig}.") from e
         return version
 
     # -- meta ----------------------------------------------------------------------------------------
@@ -255,17 +405,21 @@ class Store:
         return self.dir / name if name else None
 
     def roots(self) -> dict[int, str]:
-        if self._roots is None or not self.readonly:
-            with self.engine.connect() as conn:
-                rows = conn.execute(sa.select(roots_table.c.id, roots_table.c.path)).all()
-            self._roots = {rid: os.fsdecode(path) for rid, path in rows}
-        return self._roots
+        """Root folders by id, as the database holds them now."""
+        with self.engine.connect() as conn:
+            return self._read_roots(conn)
 
-    def _record(self, row: sa.Row[Any]) -> ImageRecord:
-        roots = self.roots()
-        if row.root_id not in roots:
-            self._roots = None
-            roots = self.roots()
+    @staticmethod
+    def _read_roots(conn: sa.Connection) -> dict[int, str]:
+        # Read once per query, in its connection, never cached across calls: a running server must see the
+        # roots a later build adds (else `under=` a new root finds nothing), and a rebuild may replace the whole
+        # database. The table has a handful of rows, so this costs next to nothing.
+        rows = conn.execute(sa.select(roots_table.c.id, roots_table.c.path)).all()
+        return {rid: os.fsdecode(path) for rid, path in rows}
+
+    def _record(self, row: sa.Row[Any], roots: dict[int, str]) -> ImageRecord:
+        if row.root_id not in roots:  # a build added this root after `roots` was read (another snapshot)
+            roots.update(self.roots())
         root = roots[row.root_id]
         rel = os.fsdecode(row.relpath)
         return ImageRecord(
@@ -291,10 +445,11 @@ class Store:
         out: dict[int, ImageRecord] = {}
         cols = [images_table.c[c] for c in IMAGE_COLUMNS]
         with self.engine.connect() as conn:
+            roots = self._read_roots(conn)
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 for row in conn.execute(sa.select(*cols).where(images_table.c.id.in_(chunk))):
-                    out[row.id] = self._record(row)
+                    out[row.id] = self._record(row, roots)
         return out
 
     def get_image(self, image_id: int) -> ImageRecord | None:
@@ -303,16 +458,17 @@ class Store:
     def find_path(self, path: str | os.PathLike[str]) -> ImageRecord | None:
         """The record of an indexed file by its path (absolute or relative to cwd), or None."""
         path = os.path.abspath(os.fspath(path))
-        for rid, root in self.roots().items():
-            if path.startswith(root.rstrip(os.sep) + os.sep):
-                rel = os.fsencode(os.path.relpath(path, root))
-                cols = [images_table.c[c] for c in IMAGE_COLUMNS]
-                with self.engine.connect() as conn:
+        cols = [images_table.c[c] for c in IMAGE_COLUMNS]
+        with self.engine.connect() as conn:
+            roots = self._read_roots(conn)
+            for rid, root in roots.items():
+                if path.startswith(root.rstrip(os.sep) + os.sep):
+                    rel = os.fsencode(os.path.relpath(path, root))
                     row = conn.execute(
                         sa.select(*cols).where(images_table.c.root_id == rid, images_table.c.relpath == rel)
                     ).first()
-                if row is not None:
-                    return self._record(row)
+                    if row is not None:
+                        return self._record(row, roots)
         return None
 
     def iter_images(self, *, errors: bool | None = None) -> Iterator[ImageRecord]:
@@ -324,8 +480,53 @@ class Store:
         elif errors is False:
             query = query.where(images_table.c.error.is_(None))
         with self.engine.connect() as conn:
+            roots = self._read_roots(conn)
             for row in conn.execute(query):
-                yield self._record(row)
+                yield self._record(row, roots)
+
+    def filter_ids(self, filters: SearchFilters) -> np.ndarray | None:
+        """Sorted int64 ids of embedded images passing `filters`, or None when they restrict nothing.
+
+        min_score is not applied here (it trims the ranked list, see `Index.search`). In one connection, so
+        the roots and the ids come from the same snapshot.
+        """
+        if not filters.restricts_ids:
+            return None
+        conds: list[Any] = []
+        if filters.taken_from is not None:  # taken_at holds naive ISO strings, which sort as times do
+            conds.append(images_table.c.taken_at >= filters.taken_from.isoformat())
+        if filters.taken_to is not None:
+            conds.append(images_table.c.taken_at <= filters.taken_to.isoformat())
+        if filters.formats is not None:
+            conds.append(images_table.c.format.in_(sorted(filters.formats)))
+        with self.engine.connect() as conn:
+            if filters.under is not None:
+                conds.append(self._under_clause(filters.under, self._read_roots(conn)))
+            query = sa.select(images_table.c.id).where(images_table.c.embedding.is_not(None), *conds)
+            ids = np.fromiter((r[0] for r in conn.execute(query)), dtype=np.int64)
+        return np.sort(ids)
+
+    @staticmethod
+    def _under_clause(path: str, roots: dict[int, str]) -> Any:
+        """Images at or below absolute folder (or file) `path`: whole roots inside it, or a relpath prefix."""
+        clauses = []
+        for rid, root in roots.items():
+            root_n = root.rstrip(os.sep) or os.sep
+            if path == root_n or root_n.startswith(path.rstrip(os.sep) + os.sep):
+                clauses.append(images_table.c.root_id == rid)  # the whole root lies under `path`
+            elif path.startswith(root_n.rstrip(os.sep) + os.sep):
+                rel = os.fsencode(os.path.relpath(path, root_n))
+                prefix = rel + os.fsencode(os.sep)
+                clauses.append(
+                    sa.and_(
+                        images_table.c.root_id == rid,
+                        sa.or_(
+                            images_table.c.relpath == rel,
+                            sa.func.substr(images_table.c.relpath, 1, len(prefix)) == prefix,
+                        ),
+                    )
+                )
+        return sa.or_(*clauses) if clauses else sa.false()
 
     def get_embeddings(self, ids: Sequence[int]) -> np.ndarray:
         """float32 (len(ids), dim) embeddings in the given order; raises KeyError for an id without one."""
@@ -407,30 +608,40 @@ class Store:
                 return int(row[0])
             return int(conn.execute(sa.insert(roots_table).values(path=key)).inserted_primary_key[0])
 
-    def scan_state(self) -> dict[tuple[int, bytes], tuple[int, int, int, bytes | None, bool, bool]]:
-        """(root_id, relpath) -> (id, size, mtime_ns, content_hash, has_embedding, has_error) for all rows."""
+    def scan_state(self) -> dict[tuple[int, bytes], ScanRow]:
+        """(root_id, relpath) -> ScanRow of every stored file: what the indexer diffs the walk against."""
+        c = images_table.c
         query = sa.select(
-            images_table.c.root_id,
-            images_table.c.relpath,
-            images_table.c.id,
-            images_table.c.size,
-            images_table.c.mtime_ns,
-            images_table.c.content_hash,
-            images_table.c.embedding.is_not(None),
-            images_table.c.error.is_not(None),
-        )
+            c.root_id, c.relpath, c.id, c.size, c.mtime_ns, c.content_hash,
+            c.embedding.is_not(None), c.error.is_not(None),
+        )  # fmt: skip
         with self.engine.connect() as conn:
-            return {(r[0], r[1]): (r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7])) for r in conn.execute(query)}
+            return {(r[0], r[1]): ScanRow(r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7])) for r in conn.execute(query)}
+
+    def has_embeddings(self) -> bool:
+        """Whether any image has an embedding (only then is the index bound to its model)."""
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(sa.select(images_table.c.id).where(images_table.c.embedding.is_not(None)).limit(1)).first()
+                is not None
+            )
+
+    @staticmethod
+    def content_by_hash(conn: sa.Connection, content_hash: bytes) -> StoredContent | None:
+        """A stored embedding of a file with this content and that file's metadata, if any (moves, duplicates)."""
+        meta_cols = [images_table.c[name] for name in META_COLUMNS]
+        row = conn.execute(
+            sa.select(images_table.c.embedding, *meta_cols)
+            .where(images_table.c.content_hash == content_hash, images_table.c.embedding.is_not(None))
+            .limit(1)
+        ).first()
+        return StoredContent(row[0], ImageMeta(*row[1:])) if row is not None else None
 
     def embedding_by_hash(self, content_hash: bytes) -> bytes | None:
-        """A stored float16 embedding of a file with this content, if any (moves, renames, duplicates)."""
+        """A stored float16 embedding of a file with this content, if any."""
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(images_table.c.embedding)
-                .where(images_table.c.content_hash == content_hash, images_table.c.embedding.is_not(None))
-                .limit(1)
-            ).first()
-        return row[0] if row else None
+            found = self.content_by_hash(conn, content_hash)
+        return found.embedding if found is not None else None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sa.Connection]:
@@ -443,14 +654,88 @@ class Store:
         except sa.exc.OperationalError as e:
             raise StorageError(f"Cannot write the index database {str(self.db_path)!r}: {e.orig}.") from e
 
+    @classmethod
+    def set_model(cls, conn: sa.Connection, name: str, dim: int) -> None:
+        """Bind the index to a model (with the first embeddings it holds)."""
+        cls._set_meta(conn, model=name, dim=str(dim))
+
     @staticmethod
-    def upsert_image(conn: sa.Connection, values: dict[str, Any], image_id: int | None = None) -> int:
-        """Insert a row, or update row `image_id` (keeping its id, hence its FAISS id)."""
-        values = {**values, "indexed_at": values.get("indexed_at", time.time())}
+    def upsert_image(conn: sa.Connection, row: ImageWrite, image_id: int | None = None) -> int:
+        """Insert a row, or replace row `image_id` (keeping its id, hence its FAISS id); returns the id."""
+        values = row.values()
         if image_id is None:
             return int(conn.execute(sa.insert(images_table).values(**values)).inserted_primary_key[0])
         conn.execute(sa.update(images_table).where(images_table.c.id == image_id).values(**values))
         return image_id
+
+    @staticmethod
+    def touch(conn: sa.Connection, image_id: int, size: int, mtime_ns: int) -> None:
+        """A file whose size or mtime changed but whose content did not: record the new stat only."""
+        conn.execute(sa.update(images_table).where(images_table.c.id == image_id).values(size=size, mtime_ns=mtime_ns))
+
+    @staticmethod
+    def move(conn: sa.Connection, image_id: int, root_id: int, relpath: bytes, size: int, mtime_ns: int) -> None:
+        """A file moved or renamed (same content): repoint its row, keeping its id and embedding."""
+        conn.execute(
+            sa.update(images_table)
+            .where(images_table.c.id == image_id)
+            .values(root_id=root_id, relpath=relpath, size=size, mtime_ns=mtime_ns, indexed_at=time.time())
+        )
+
+    def keep_roots(self, paths: Iterable[str]) -> None:
+        """Delete the roots not in `paths`, with their images (a rebuild's index holds only its own roots)."""
+        keys = [os.fsencode(p) for p in paths]
+        with self.transaction() as conn:
+            gone = sa.select(roots_table.c.id).where(roots_table.c.path.not_in(keys))
+            conn.execute(sa.delete(images_table).where(images_table.c.root_id.in_(gone)))
+            conn.execute(sa.delete(roots_table).where(roots_table.c.path.not_in(keys)))
+
+    def replace_with(self, other: Store, **meta: str | None) -> None:
+        """In ONE transaction, make this index's roots, images and meta those of index `other`, then set `meta`.
+
+        How a rebuild goes live: readers see the old index or the new one, never a mix or an empty one. Ids
+        are copied, so `other`'s FAISS file (moved here first) fits. The schema keys stay this database's.
+        """
+        staged = sa.MetaData()
+        s_roots, s_images, s_meta = (
+            t.to_metadata(staged, schema="staged") for t in (roots_table, images_table, meta_table)
+        )
+
+        def structural(key: Any) -> Any:
+            return sa.or_(key == "schema_version", key.like("migration%"))
+
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("ATTACH DATABASE :path AS staged"), {"path": os.path.abspath(other.db_path)})
+                conn.commit()  # ATTACH cannot run inside a transaction
+                try:
+                    with conn.begin():
+                        row = conn.execute(
+                            sa.select(meta_table.c.value).where(meta_table.c.key == "data_version")
+                        ).first()
+                        conn.execute(sa.delete(images_table))
+                        conn.execute(sa.delete(roots_table))
+                        conn.execute(
+                            sa.insert(roots_table).from_select(list(roots_table.c.keys()), sa.select(*s_roots.c))
+                        )
+                        conn.execute(
+                            sa.insert(images_table).from_select(list(images_table.c.keys()), sa.select(*s_images.c))
+                        )
+                        conn.execute(sa.delete(meta_table).where(~structural(meta_table.c.key)))
+                        conn.execute(
+                            sa.insert(meta_table).from_select(
+                                ["key", "value"],
+                                sa.select(s_meta.c.key, s_meta.c.value).where(~structural(s_meta.c.key)),
+                            )
+                        )
+                        # the data changed (readers drop caches keyed on it); the FAISS file matches it
+                        version = str(int(row[0]) + 1 if row else 1)
+                        self._set_meta(conn, **meta, data_version=version, faiss_data_version=version)
+                finally:
+                    conn.execute(sa.text("DETACH DATABASE staged"))
+                    conn.commit()
+        except sa.exc.OperationalError as e:
+            raise StorageError(f"Cannot write the index database {str(self.db_path)!r}: {e.orig}.") from e
 
     @staticmethod
     def delete_images(conn: sa.Connection, ids: Iterable[int]) -> None:
@@ -465,12 +750,20 @@ class Store:
 class IndexLock:
     """Exclusive write lock on an index directory (flock on `.lock`; the OS drops it if the process dies)."""
 
-    def __init__(self, index_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, index_dir: str | os.PathLike[str], *, create: bool = False) -> None:
+        """`create`: make the folder if needed (a build); else the index must exist (IndexNotFoundError)."""
         self.path = Path(index_dir) / LOCK_NAME
+        self.create = create
         self._fd: int | None = None
 
     def acquire(self) -> IndexLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.create:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"Cannot create index folder {str(self.path.parent)!r}: {e.strerror}.") from e
+        else:
+            _require_index(self.path.parent)  # a mistyped --index must not leave a folder or a .lock behind
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

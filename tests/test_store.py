@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ruclip_search.errors import IndexLockedError, IndexNotFoundError
-from ruclip_search.store import MIGRATIONS, SCHEMA_VERSION, IndexLock, Store
+from ruclip_search.store import MIGRATIONS, SCHEMA_VERSION, ImageWrite, IndexLock, Store
 
 
 def test_upgrade_from_first_schema(tmp_path: Path) -> None:
@@ -33,19 +33,8 @@ def test_read_api_round_trip(tmp_path: Path) -> None:
     rid = store.root_id("/r")
     vec = np.array([0.5, 0.5, 0.5, 0.5], np.float32)
     with store.transaction() as conn:
-        good = store.upsert_image(
-            conn,
-            {
-                "root_id": rid,
-                "relpath": b"x\xff.jpg",
-                "size": 1,
-                "mtime_ns": 2,
-                "embedding": vec.astype(np.float16).tobytes(),
-            },
-        )
-        bad = store.upsert_image(
-            conn, {"root_id": rid, "relpath": b"bad.jpg", "size": 1, "mtime_ns": 2, "error": "boom"}
-        )
+        good = store.upsert_image(conn, ImageWrite(rid, b"x\xff.jpg", 1, 2, embedding=vec.astype(np.float16).tobytes()))
+        bad = store.upsert_image(conn, ImageWrite(rid, b"bad.jpg", 1, 2, error="boom"))
     reader = Store.open(tmp_path / "idx")
     assert reader.data_version() == 1
     assert reader.model_name == "m" and reader.dim == 4
@@ -67,7 +56,61 @@ def test_open_missing(tmp_path: Path) -> None:
 
 
 def test_lock_is_exclusive(tmp_path: Path) -> None:
-    with IndexLock(tmp_path):
+    with IndexLock(tmp_path, create=True):
         with pytest.raises(IndexLockedError, match="another process"):
-            IndexLock(tmp_path).acquire()
-    IndexLock(tmp_path).acquire().release()
+            IndexLock(tmp_path, create=True).acquire()
+    IndexLock(tmp_path, create=True).acquire().release()
+
+
+def _schema(db: sqlite3.Connection, table: str) -> tuple[list[tuple], set[tuple]]:
+    """(columns as (name, type, notnull, pk), indexes as (columns, unique)) of a table, as SQLite sees it."""
+    cols = [
+        (r[1], r[2].upper(), bool(r[3]) and not r[5], bool(r[5])) for r in db.execute(f"PRAGMA table_info({table})")
+    ]
+    indexes = set()
+    for _, name, unique, origin, _ in db.execute(f"PRAGMA index_list({table})"):
+        if origin != "pk":
+            columns = tuple(r[2] for r in db.execute(f"PRAGMA index_info({name!r})"))
+            indexes.add((columns, bool(unique)))
+    return cols, indexes
+
+
+def test_migrations_match_the_table_definitions(tmp_path: Path) -> None:
+    """A database made by the numbered migrations has exactly the columns and indexes the SQLAlchemy tables declare."""
+    import sqlalchemy as sa
+
+    from ruclip_search.store import metadata
+
+    Store.create(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "index.db")
+    dialect = sa.create_engine("sqlite://").dialect
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")} - {"sqlite_sequence"} == set(
+        metadata.tables
+    )
+    for table in metadata.tables.values():
+        declared_cols = [
+            (c.name, c.type.compile(dialect=dialect), not c.nullable and not c.primary_key, c.primary_key)
+            for c in table.columns
+        ]
+        declared_idx = {(tuple(c.name for c in ix.columns), bool(ix.unique)) for ix in table.indexes}
+        declared_idx |= {
+            (tuple(c.name for c in u.columns), True) for u in table.constraints if isinstance(u, sa.UniqueConstraint)
+        }
+        declared_idx |= {((c.name,), True) for c in table.columns if c.unique}
+        cols, indexes = _schema(db, table.name)
+        assert sorted(cols) == sorted(declared_cols), table.name
+        assert indexes == declared_idx, table.name
+    # ids are FAISS ids: the migrations and the table both say AUTOINCREMENT (a deleted row's id is never reused)
+    assert "AUTOINCREMENT" in db.execute("SELECT sql FROM sqlite_master WHERE name='images'").fetchone()[0]
+    assert metadata.tables["images"].dialect_options["sqlite"]["autoincrement"]
+
+
+def test_file_meta_fields_are_image_columns() -> None:
+    import dataclasses
+
+    from ruclip_search.loader import FileMeta
+    from ruclip_search.store import IMAGE_COLUMNS, META_COLUMNS, ImageMeta, images_table
+
+    assert tuple(f.name for f in dataclasses.fields(FileMeta)) == META_COLUMNS == ImageMeta._fields
+    assert set(META_COLUMNS) < set(IMAGE_COLUMNS) and "embedding" not in IMAGE_COLUMNS
+    assert IMAGE_COLUMNS == tuple(c for c in images_table.c.keys() if c != "embedding")
