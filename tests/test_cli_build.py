@@ -50,9 +50,13 @@ def test_build_info_reindex(tmp_path: Path, photos: Path, tiny_model_path: Path,
     text = invoke("info", "--errors").output
     assert "broken.jpg: not an image" in text and "recall@10:  1.0" in text
 
+    flat_hits = json.loads(invoke("search", "красный круг", "-k", "12", "--json", "--device", "cpu").output)
     result = invoke("reindex", "--type", "hnsw")
     assert result.exit_code == 0 and "hnsw index of 12 vectors" in result.output
     assert json.loads(invoke("info", "--json").output)["index_type"] == "hnsw"
+    # the new index is the one searched, and on 12 vectors HNSW finds exactly what flat search found
+    hnsw_hits = json.loads(invoke("search", "красный круг", "-k", "12", "--json", "--device", "cpu").output)
+    assert [h["id"] for h in hnsw_hits] == [h["id"] for h in flat_hits] and len(flat_hits) == 12
 
 
 def test_fatal_errors_are_one_line(tmp_path: Path, photos: Path, tiny_model_path: Path) -> None:
