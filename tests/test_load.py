@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.load  # run with -m load (.ci/run does)
 
 QUERIES = ["синий квадрат", "красный круг", "жёлтый треугольник", "зелёный круг", "кот на диване", "квадрат"]
 MIX = [

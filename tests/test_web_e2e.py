@@ -1,6 +1,6 @@
 """The web page end to end in real headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
 
-Runs in the default suite wherever /usr/bin/chromium and the playwright package exist; skipped otherwise.
+Marked `browser` (run with -m browser); skipped where /usr/bin/chromium or the playwright package is missing.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = [  # run with -m browser (.ci/run does)
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
