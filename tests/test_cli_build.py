@@ -84,3 +84,19 @@ def test_real_subprocess(tmp_path: Path, photos: Path, tiny_model_path: Path, wo
         [*cmd, "--model", "ruclip-vit-base-patch32-224"], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 1 and "--rebuild" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_commands_on_a_missing_index_create_nothing(tmp_path: Path, monkeypatch) -> None:
+    """`reindex --index typo` created typo/.lock before failing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "not-an-index").mkdir()
+    for args in (
+        ["reindex", "--index", "typo"],
+        ["reindex", "--index", "not-an-index"],
+        ["reindex", "--index", "typo/deeper", "--type", "hnsw"],
+        ["info", "--index", "typo"],
+        ["dupes", "--index", "typo"],
+    ):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "No index at" in result.output and "Traceback" not in result.output, args
+    assert os.listdir(tmp_path) == ["not-an-index"] and os.listdir(tmp_path / "not-an-index") == []

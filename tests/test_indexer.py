@@ -186,3 +186,108 @@ def test_unguarded_script_fails_fast_with_a_hint(tmp_path: Path, photos: Path, t
     assert out.returncode != 0
     assert 'if __name__ == "__main__":' in out.stderr
     assert time.perf_counter() - t < 120
+
+
+@pytest.mark.parametrize("failure", ["corrupt model folder", "default model offline"])
+def test_failed_first_build_does_not_bind_the_index_to_a_model(
+    tmp_path: Path, photos: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """A build whose model never loaded recorded it, and the next build with another model was refused."""
+    from ruclip_search import registry
+    from ruclip_search.errors import ModelNotFoundError, RuclipSearchError
+
+    index = tmp_path / "idx"
+    if failure == "corrupt model folder":  # the folder passes the early check; loading its weights fails
+        model: str | None = str(tmp_path / "bad-model")
+        (tmp_path / "bad-model").mkdir()
+        for name in ("config.json", "bpe.model"):
+            shutil.copy(tiny_model_path / name, tmp_path / "bad-model" / name)
+        (tmp_path / "bad-model" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    else:  # `build ./photos` with no network and no cached copy of the default model
+
+        def offline(name: str) -> Path:
+            raise ModelNotFoundError(f"{name}: not in the Hugging Face cache and cannot be downloaded now")
+
+        monkeypatch.setattr(registry, "_download", offline)
+        model = None
+    with pytest.raises(RuclipSearchError):
+        build(photos, index=index, model=model, workers=0, device="cpu")
+    r = build(photos, index=index, model=str(tiny_model_path), workers=0, device="cpu")
+    assert r.added == 12 and r.encoded == 12
+    with Store.open(index) as store:
+        assert store.model_name == str(tiny_model_path) and store.counts()["images"] == 12
+
+
+def test_rebuild_keeps_the_index_model_and_drops_other_roots(tmp_path: Path, tiny_model_path: Path) -> None:
+    """`build --rebuild` without --model switched to the default model; it keeps the index's own."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_photos(a, 3)
+    make_photos(b, 2, seed=50)
+    index = tmp_path / "idx"
+    build([a, b], index=index, model=str(tiny_model_path), workers=0, device="cpu")
+    r = build([a], index=index, workers=0, device="cpu", rebuild=True)
+    assert r.model == str(tiny_model_path) and r.encoded == 3
+    with Store.open(index) as store:
+        assert store.model_name == str(tiny_model_path)
+        assert list(store.roots().values()) == [str(a)]  # the rows of roots not passed to the rebuild are gone
+        assert sorted(r.relpath for r in store.iter_images()) == sorted(p.name for p in a.iterdir())
+    assert len(snapshot(index)) == 3
+
+
+def test_readers_see_the_old_index_until_a_rebuild_is_complete(tmp_path: Path, photos: Path) -> None:
+    """A rebuild emptied `images` at its start: searches found nothing until it ended."""
+    index = tmp_path / "idx"
+    build(photos, index=index, model=StandInModel(), workers=0)
+    before = snapshot(index)
+    with Store.open(index) as store:
+        version = store.index_version()
+    seen: list[tuple] = []
+
+    def progress(stage: str, done: int, total: int | None) -> None:
+        if stage == "encode":  # the rebuild is under way: a reader opens the index now
+            with Store.open(index) as reader:
+                fx = faiss_index.load(reader.faiss_path())
+                seen.append((reader.counts()["images"], reader.model_name, reader.dim, fx.ntotal, fx.d))
+                assert reader.index_version() == version
+
+    new_model = StandInModel(name="other", dim=16)
+    build(photos, index=index, model=new_model, workers=0, batch_size=4, rebuild=True, progress=progress)
+    assert len(seen) == 3 and set(seen) == {(12, "stand-in", 32, 12, 32)}
+    after = snapshot(index)
+    assert after.keys() == before.keys() and new_model.encoded == 12
+    with Store.open(index) as store:
+        assert (store.model_name, store.dim) == ("other", 16) and store.index_version() > version
+        assert store.get_meta("faiss_data_version") == str(store.data_version())
+    assert not (index / ".rebuild").exists() and len(list(index.glob("faiss-*.index"))) == 1
+
+
+def test_interrupted_rebuild_leaves_the_index_intact_and_resumes(tmp_path: Path, photos: Path) -> None:
+    index = tmp_path / "idx"
+    build(photos, index=index, model=StandInModel(), workers=0)
+    before = snapshot(index)
+
+    model = StandInModel(name="other", dim=16)
+    encode = model.encode_pixels
+
+    def interrupted(pixels):  # Ctrl-C during the second batch
+        if model.calls >= 1:
+            raise KeyboardInterrupt
+        return encode(pixels)
+
+    model.encode_pixels = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        build(photos, index=index, model=model, workers=0, batch_size=4, rebuild=True)
+    after = snapshot(index)
+    assert after.keys() == before.keys()
+    for path, vec in before.items():
+        np.testing.assert_array_equal(after[path], vec)
+    with Store.open(index) as store:
+        assert (store.model_name, store.dim, store.counts()["images"]) == ("stand-in", 32, 12)
+    assert build(photos, index=index, model=StandInModel(), workers=0).unchanged == 12  # still usable
+
+    again = StandInModel(name="other", dim=16)
+    r = build(photos, index=index, model=again, workers=0, batch_size=4, rebuild=True)
+    assert again.encoded == 8 and r.unchanged == 4  # the batch staged before the interruption is kept
+    assert snapshot(index).keys() == before.keys()
+    with Store.open(index) as store:
+        assert (store.model_name, store.dim) == ("other", 16)

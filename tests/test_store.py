@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ruclip_search.errors import IndexLockedError, IndexNotFoundError
+from ruclip_search.errors import IndexLockedError, IndexNotFoundError, StorageError
 from ruclip_search.store import MIGRATIONS, SCHEMA_VERSION, ImageWrite, IndexLock, Store
 
 
-def test_upgrade_from_first_schema(tmp_path: Path) -> None:
-    db = sqlite3.connect(tmp_path / "index.db")
+def first_schema_index(folder: Path) -> None:
+    """An index as the first release wrote it (MIGRATIONS[:1]), with one image."""
+    db = sqlite3.connect(folder / "index.db")
     for stmt in MIGRATIONS[0][1]:
         db.execute(stmt)
     db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
@@ -21,6 +23,10 @@ def test_upgrade_from_first_schema(tmp_path: Path) -> None:
     db.execute("INSERT INTO images (root_id, relpath, size, mtime_ns) VALUES (1, ?, 3, 4)", (b"a.jpg",))
     db.commit()
     db.close()
+
+
+def test_upgrade_from_first_schema(tmp_path: Path) -> None:
+    first_schema_index(tmp_path)
     store = Store.open(tmp_path, readonly=False)
     assert store.schema_version() == SCHEMA_VERSION
     rec = store.find_path("/photos/a.jpg")
@@ -114,3 +120,49 @@ def test_file_meta_fields_are_image_columns() -> None:
     assert tuple(f.name for f in dataclasses.fields(FileMeta)) == META_COLUMNS == ImageMeta._fields
     assert set(META_COLUMNS) < set(IMAGE_COLUMNS) and "embedding" not in IMAGE_COLUMNS
     assert IMAGE_COLUMNS == tuple(c for c in images_table.c.keys() if c != "embedding")
+
+
+def test_reader_upgrades_an_older_schema_when_it_safely_can(tmp_path: Path) -> None:
+    """A read-only open of an older index crashed later with a raw OperationalError (no such column)."""
+    first_schema_index(tmp_path)
+    with Store.open(tmp_path) as store:
+        assert store.readonly
+        rec = store.find_path("/photos/a.jpg")
+        assert rec is not None and rec.size == 3 and rec.taken_at is None
+        assert [r.relpath for r in store.iter_images()] == ["a.jpg"]
+        assert store.schema_version() == SCHEMA_VERSION
+
+
+def test_reader_of_an_older_schema_during_a_build_gets_a_hint(tmp_path: Path) -> None:
+    first_schema_index(tmp_path)
+    with IndexLock(tmp_path):  # a build holds the index: no upgrade behind its back
+        with pytest.raises(StorageError, match="ruclip-index build"):
+            with Store.open(tmp_path) as store:
+                list(store.iter_images())
+    with Store.open(tmp_path) as store:  # and once it is free, the reader upgrades it
+        assert len(list(store.iter_images())) == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["Photos #2", "what?", "100%", "50%20off", "my photos", "Фото из отпуска", "a#b?c=d&mode=rw"]
+)
+def test_index_folder_names_are_not_urls(tmp_path: Path, photos: Path, name: str) -> None:
+    """The read-only URL was not percent-encoded: at '#' the path was cut, mode=ro dropped and an empty
+    database created at the cut path."""
+    from conftest import StandInModel
+
+    from ruclip_search.indexer import build
+
+    parent = tmp_path / "indexes"
+    index = parent / name
+    build(photos, index=index, model=StandInModel(), workers=0)
+    files = sorted(os.listdir(parent)), sorted(f for f in os.listdir(index) if not f.endswith(("-wal", "-shm")))
+    with Store.open(index) as store:
+        assert store.counts()["images"] == 12 and len(list(store.iter_images())) == 12
+        assert store.faiss_path() is not None and store.faiss_path().is_file()
+        with pytest.raises(Exception, match="readonly"):
+            store.set_meta(probe="1")
+    assert (
+        sorted(os.listdir(parent)),
+        sorted(f for f in os.listdir(index) if not f.endswith(("-wal", "-shm"))),
+    ) == files
