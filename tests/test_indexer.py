@@ -112,15 +112,6 @@ def test_bad_inputs_are_recorded_not_fatal(tmp_path: Path, photos: Path, monkeyp
     assert (r.updated, r.failed, r.reused) == (1, 0, 1)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file(tmp_path: Path, photos: Path) -> None:
-    locked = photos / "locked.jpg"
-    shutil.copy(sorted(photos.iterdir())[1], locked)
-    locked.chmod(0)
-    r = build(photos, index=tmp_path / "idx", model=StandInModel(), workers=0)
-    assert dict((os.path.basename(p), w) for p, w in r.errors) == {"locked.jpg": "permission denied"}
-
-
 def test_lock_and_model_checks(tmp_path: Path, photos: Path) -> None:
     index = tmp_path / "idx"
     with IndexLock(index, create=True):
