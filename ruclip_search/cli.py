@@ -361,7 +361,7 @@ def _search_filters(
             try:
                 SearchFilters.parse(**{key: given[key]})
             except QueryError as one:
-                raise click.BadParameter(str(one), param_hint=option) from None
+                raise click.BadParameter(str(one), param_hint=f"'{option}'") from None
         raise click.BadParameter(str(e)) from None
 
 

@@ -248,7 +248,6 @@ class Store:
         pool = sa.pool.NullPool if readonly else sa.pool.QueuePool
         self.engine = sa.create_engine("sqlite://", creator=_connector(self.db_path, readonly), poolclass=pool)
         sa.event.listen(self.engine, "connect", _on_connect(readonly))
-        self._roots: tuple[Any, dict[int, str]] | None = None  # (data_version, roots), see _current_roots
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod

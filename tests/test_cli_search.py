@@ -122,3 +122,24 @@ def test_real_subprocess(search_index) -> None:
     assert [cls_of(h["path"]) for h in json.loads(out.stdout)] == ["жёлтый квадрат"] * 4
     bad = subprocess.run([*cmd[:4], "", "--index", str(search_index[0])], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "empty" in bad.stderr
+
+
+def test_default_k_and_filter_errors_name_their_option(search_index) -> None:
+    from ruclip_search import defaults
+
+    idx = str(search_index[0])
+    r = run("search", "синий круг", "--index", idx, "--json")
+    assert r.exit_code == 0 and len(json.loads(r.output)) == defaults.K == 20
+    for args, option in ((["--to", "2021-13-01"], "--to"), (["--min-score", "2"], "--min-score"),
+                         (["--format", "no such"], "--format")):  # fmt: skip
+        r = run("search", "кот", "--index", idx, *args)
+        assert r.exit_code == 2 and f"'{option}'" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_similar_min_score(search_index) -> None:
+    idx = str(search_index[0])
+    photo = search_index[1][5]["path"]
+    full = json.loads(run("similar", photo, "--index", idx, "-k", "10", "--json").output)
+    cut = full[2]["score"]
+    r = run("similar", photo, "--index", idx, "-k", "10", "--json", "--min-score", str(cut))
+    assert r.exit_code == 0 and [h["id"] for h in json.loads(r.output)] == [h["id"] for h in full[:3]]

@@ -168,11 +168,11 @@ def test_similar_excludes_self(idx: Index, photos: list[dict]) -> None:
 
 def test_lazy_towers(search_index) -> None:
     with Index.open(search_index[0], device="cpu") as index:
-        assert index.model.parts == ("text",) and index._image_model is None
+        assert index.model.parts == ("text",) and index._state.towers.image is None
         index.search("красный круг", k=1)
-        assert index._image_model is None and not index.info()["image_tower_loaded"]
+        assert index._state.towers.image is None and not index.info()["image_tower_loaded"]
         index.search_image(draw("красный круг", 5, 64), k=1)
-        assert index._image_model.parts == ("image",) and index.info()["image_tower_loaded"]
+        assert index._state.towers.image.parts == ("image",) and index.info()["image_tower_loaded"]
 
 
 # -- zero-shot ---------------------------------------------------------------------------------------
@@ -329,15 +329,180 @@ def test_open_errors(tmp_path: Path, search_index) -> None:
 
 def test_repeated_text_query_reuses_its_embedding(idx: Index) -> None:
     """Paging through results must not run the text encoder again for the same words."""
-    idx._text_cache.clear()  # the module's index has seen this query in earlier tests
+    idx._state.towers.text_cache.clear()  # the module's index has seen this query in earlier tests
     calls = []
-    real = idx._text_model.encode_text
-    idx._text_model.encode_text = lambda texts: calls.append(texts) or real(texts)
+    real = idx.model.encode_text
+    idx.model.encode_text = lambda texts: calls.append(texts) or real(texts)
     try:
         first = idx.search("синий квадрат", k=2)
         second = idx.search(" синий квадрат ", k=2, offset=2)
     finally:
-        idx._text_model.encode_text = real
+        del idx.model.encode_text  # back to the class's method
     assert len(calls) == 1
     assert classes_of(first + second) == ["синий квадрат"] * 4
     assert {h.id for h in first}.isdisjoint({h.id for h in second})
+
+
+# -- SearchFilters: one value for every entry point ---------------------------------------------------
+def test_filters_value_equals_loose_keywords(idx: Index, search_index) -> None:
+    from ruclip_search import defaults
+    from ruclip_search.filters import SearchFilters
+
+    under = str(search_index[0].parent / "photos" / "a")
+    loose = {"under": under, "date_from": "2021-01-05", "date_to": dt.date(2021, 2, 1), "formats": ["jpg"]}
+    f = SearchFilters.parse(**loose)
+    assert [h.id for h in idx.search("красный квадрат", k=5, filters=f)] == [
+        h.id for h in idx.search("красный квадрат", k=5, **loose)
+    ]
+    rec = idx.store.find_path(search_index[1][0]["path"])
+    assert [h.id for h in idx.similar(rec.id, k=3, filters=f)] == [h.id for h in idx.similar(rec.id, k=3, **loose)]
+    assert len(idx.search("красный квадрат")) == defaults.K == 20  # one default page size everywhere
+    with pytest.raises(QueryError, match="not both"):
+        idx.search("кот", filters=f, under=under)
+    with pytest.raises(TypeError):
+        idx.search("кот", folder=under)
+    with pytest.raises(QueryError, match="SearchFilters"):
+        idx.search("кот", filters={"under": under})
+
+
+def test_min_score_applies_to_every_method(idx: Index, photos: list[dict], tmp_path: Path) -> None:
+    """min_score is the API's job for similar and search_image too (the CLI used to re-filter by hand)."""
+    rec = idx.store.find_path(photos[0]["path"])
+    full = idx.similar(rec.id, k=10)
+    cut = full[3].score
+    assert [h.id for h in idx.similar(rec.id, k=10, min_score=cut)] == [h.id for h in full[:4]]
+    probe = tmp_path / "probe.png"
+    draw("синий квадрат", seed=99, size=64).save(probe)
+    full = idx.search_image(probe, k=10)
+    assert [h.id for h in idx.search_image(probe, k=10, min_score=full[2].score)] == [h.id for h in full[:3]]
+
+
+def test_store_filter_ids(idx: Index, photos: list[dict]) -> None:
+    from ruclip_search.filters import NO_FILTERS, SearchFilters
+
+    assert idx.store.filter_ids(NO_FILTERS) is None
+    assert idx.store.filter_ids(SearchFilters.parse(min_score=0.5)) is None  # trims the ranking, not the ids
+    day = idx.store.filter_ids(SearchFilters.parse(date_from="2021-01-01", date_to="2021-01-01"))
+    assert [idx.store.get_image(i).path for i in day] == [
+        p["path"] for p in photos if p["taken"] == dt.datetime(2021, 1, 1, 12)
+    ]
+    to_noon = SearchFilters.parse(date_to="2021-01-01T12:00:00")  # an explicit time is an inclusive bound
+    assert len(idx.store.filter_ids(to_noon)) == 1
+    assert len(idx.store.filter_ids(SearchFilters.parse(date_to="2021-01-01T11:59:59"))) == 0
+
+
+def test_query_of_another_dimension_is_a_model_mismatch(idx: Index) -> None:
+    """A vector the FAISS index cannot take raises ModelMismatchError, never a FAISS assertion."""
+    with pytest.raises(ModelMismatchError, match="dimensions"):
+        idx.search(np.ones(idx.model.dim + 3, dtype=np.float32), k=3)
+
+
+# -- refresh after a rebuild with another model, and with new roots -----------------------------------
+def _variant_model(folder: Path, *, dim: int | None = None) -> Path:
+    """A copy of the tiny fixture model with other weights: the text projection negated (same dimension,
+    reversed text rankings), or with `dim` the projections cut to their first `dim` columns."""
+    import torch
+
+    from ruclip_search.model import load_state_dict
+
+    shutil.copytree(TINY_MODEL, folder)
+    sd = load_state_dict(TINY_MODEL / "pytorch_model.bin")
+    if dim is None:
+        sd["text_projection"] = -sd["text_projection"]
+    else:
+        sd["text_projection"] = sd["text_projection"][:, :dim].contiguous()
+        sd["visual.proj"] = sd["visual.proj"][:, :dim].contiguous()
+        config = json.loads((TINY_MODEL / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "embed_dim": dim}))
+    torch.save(sd, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture
+def small_index(tmp_path: Path) -> tuple[Path, Path]:
+    from ruclip_search.indexer import build
+
+    folder = tmp_path / "p"
+    make_photos(folder, 12, size=64)
+    build(folder, index=tmp_path / "idx", model=str(TINY_MODEL), workers=0, device="cpu")
+    return tmp_path / "idx", folder
+
+
+QUERIES = ("синий круг", "красный квадрат", "зелёный треугольник")
+
+
+def _rankings(index: Index) -> list[list[tuple[int, float]]]:
+    return [[(h.id, round(h.score, 5)) for h in index.search(q, k=12)] for q in QUERIES]
+
+
+@pytest.mark.parametrize("dim", [None, 16], ids=["same-dim", "other-dim"])
+def test_refresh_follows_a_model_change(small_index, tmp_path: Path, dim: int | None) -> None:
+    """A rebuild with another model: refresh loads its text tower (old code kept the old one and its text
+    cache: a FAISS assertion for another dimension, silently wrong rankings for the same one)."""
+    from ruclip_search.encoder import ModelCache
+    from ruclip_search.indexer import build
+
+    index_dir, folder = small_index
+    other = _variant_model(tmp_path / "other-model", dim=dim)
+    models = ModelCache(device="cpu")
+    with Index.open(index_dir, device="cpu", models=models) as index:
+        before = _rankings(index)  # fills the text cache with the old model's vectors
+        old_state = index._state
+        index.search_image(folder / "000 красный круг.png", k=1)  # loads the old image tower
+        build(folder, index=index_dir, model=str(other), rebuild=True, workers=0, device="cpu")
+        assert index.refresh() is True
+        assert index.model.dim == (dim or 32) and index.model is models.get(other)
+        assert index._state.towers.image is None and old_state.towers.image is not None  # old state intact
+        after = _rankings(index)
+        with Index.open(index_dir, device="cpu") as fresh:
+            assert after == _rankings(fresh)
+        if dim is None:
+            assert after != before  # the negated text projection really changes the rankings
+        assert index.info()["loaded_model"] == str(other.resolve())
+        hits = index.search_image(folder / "000 красный круг.png", k=1)  # the new image tower, new dimension
+        assert hits[0].path == str(folder / "000 красный круг.png")
+
+
+def test_refresh_refuses_a_pinned_model(small_index, tmp_path: Path) -> None:
+    """Opened with an explicit model= that the rebuilt index no longer uses: ModelMismatchError (the server
+    answers 503), and the old version keeps being served rather than wrong rankings."""
+    from ruclip_search.indexer import build
+
+    index_dir, folder = small_index
+    other = _variant_model(tmp_path / "other-model")
+    with Index.open(index_dir, model=str(TINY_MODEL), device="cpu") as index:
+        _rankings(index)
+        build(folder, index=index_dir, model=str(other), rebuild=True, workers=0, device="cpu")
+        with pytest.raises(ModelMismatchError, match="rebuilt with model"):
+            index.refresh()
+        for search in (lambda: index.search("синий круг"), lambda: index.similar(1), lambda: index.classify(["кот"])):
+            with pytest.raises(ModelMismatchError, match="rebuilt with model"):
+                search()  # the old FAISS file against the rebuilt database would rank wrongly
+        assert index.refresh() is False and "rebuilt with model" in index.info()["error"]  # not retried
+    with Index.open(index_dir, device="cpu") as index:  # reopened without a model: the index's own
+        assert index.model_name == str(other.resolve()) and len(index.search("синий круг")) == 12
+
+
+def test_models_are_shared_through_the_cache(small_index, search_index) -> None:
+    from ruclip_search.encoder import ModelCache
+
+    models = ModelCache(device="cpu")
+    with Index.open(small_index[0], models=models) as a, Index.open(search_index[0], models=models) as b:
+        assert a.model is b.model and len(models) == 1
+
+
+def test_refresh_sees_a_new_root(small_index, tmp_path: Path) -> None:
+    """A root added by a later build is visible to `under=` (old code cached the roots list forever)."""
+    from ruclip_search.indexer import build
+
+    index_dir, folder = small_index
+    second = tmp_path / "second"
+    make_photos(second, 6, size=64, seed=50)
+    with Index.open(index_dir, device="cpu") as index:
+        assert len(index.search("синий круг", k=50, under=folder)) == 12  # reads (and used to cache) the roots
+        build([folder, second], index=index_dir, workers=0, device="cpu")
+        assert index.refresh() is True
+        hits = index.search("синий круг", k=50, under=second)
+        assert len(hits) == 6 and all(h.path.startswith(str(second) + "/") for h in hits)
+        rec = index.store.find_path(second / "000 красный круг.png")
+        assert rec is not None and rec.root == str(second)
