@@ -60,6 +60,14 @@ def test_health_and_info(client):
     assert info["indexes"][0]["version"] >= 1
 
 
+def test_indexes_of_one_model_share_its_text_tower(app):
+    """Two served indexes built with the same model hold one loaded text tower between them, not one each."""
+    state = app.state.server
+    first, second = (s.index for s in state.served.values())
+    assert first.model is second.model
+    assert len(state.models) == 1
+
+
 def test_openapi_and_docs(client):
     spec = client.get("/openapi.json").json()
     for path in ("/search", "/search/image", "/similar/{image_id}", "/images/{image_id}", "/images/{image_id}/thumbnail",

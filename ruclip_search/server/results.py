@@ -10,16 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import QueryError
+from ..walk import display_path
 from .errors import ApiError
 from .schemas import HitOut, SearchOut
 
 if TYPE_CHECKING:
     from .state import Served
-
-
-def display_path(path: str | os.PathLike[str]) -> str:
-    """A path as valid UTF-8 text (non-UTF-8 bytes from surrogateescape become U+FFFD)."""
-    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def _iso(value: Any) -> str | None:
@@ -75,4 +71,4 @@ def indexed_file(s: Served, image_id: int) -> tuple[Path, os.stat_result]:
     return path, st
 
 
-__all__ = ["display_path", "hit_out", "indexed_file", "known_image", "search_page"]
+__all__ = ["hit_out", "indexed_file", "known_image", "search_page"]

@@ -103,7 +103,7 @@ def open_indexes(
     try:
         for item in index_dirs:
             if isinstance(item, (str, os.PathLike)):
-                opened.append((_open_shared(Index, item, model, device, models), True))
+                opened.append((Index.open(item, model=model, device=device, models=models), True))
             else:
                 opened.append((item, False))
     except BaseException:
@@ -116,10 +116,6 @@ def open_indexes(
         name: Served(name, idx, refresh_interval, owned, default=i == 0)
         for i, (name, (idx, owned)) in enumerate(zip(names, opened, strict=True))
     }
-
-
-def _open_shared(index_cls: Any, path: str | os.PathLike[str], model: Any, device: str, models: ModelCache) -> Any:
-    return index_cls.open(path, model=model, device=device)
 
 
 def _unique_names(indexes: Sequence[Any]) -> list[str]:

@@ -8,8 +8,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import ImageError
+from ..walk import display_path
 from .errors import ApiError
-from .results import display_path
 
 
 class ThumbCache:

@@ -10,8 +10,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from ...defaults import THUMB_MAX, THUMB_MIN, THUMB_SIZE
+from ...walk import display_path
 from ..deps import AUTH, ImageId, ServedIndex, State
-from ..results import display_path, hit_out, indexed_file, known_image
+from ..results import hit_out, indexed_file, known_image
 from ..schemas import HitOut, error_responses
 from ..thumbnails import make_thumbnail
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 
 from ...defaults import K as DEFAULT_K
 from ...errors import QueryError
-from ...filters import SearchFilters
 from ..deps import AUTH, Filters, ImageId, K, Offset, ServedIndex, State
 from ..errors import ApiError
 from ..results import known_image, search_page
@@ -17,12 +16,6 @@ from ..schemas import SearchOut, error_responses
 from ..uploads import decode_upload, read_upload
 
 router = APIRouter(tags=["search"])
-
-
-def _kw(f: SearchFilters) -> dict[str, Any]:
-    # interim until Index.search takes filters=
-    return {"min_score": f.min_score, "under": f.under, "date_from": f.taken_from, "date_to": f.taken_to,
-            "formats": f.formats}  # fmt: skip
 
 
 @router.get("/search", response_model=SearchOut, dependencies=AUTH, responses=error_responses(400, 401, 404, 503))
@@ -39,7 +32,7 @@ def search(
         raise ApiError(400, "bad_query", "The query is empty: type what the photo shows.")
     t0 = time.perf_counter()
     with state.busy:
-        hits = s.index.search(q, k=k, offset=offset, **_kw(f))
+        hits = s.index.search(q, k=k, offset=offset, filters=f)
     return search_page(s, hits, k, offset, t0)
 
 
@@ -59,7 +52,7 @@ def search_image(
         image = decode_upload(data, state.max_pixels)
     t0 = time.perf_counter()
     with state.busy:
-        hits = s.index.search_image(image, k=k, offset=offset, **_kw(f))
+        hits = s.index.search_image(image, k=k, offset=offset, filters=f)
     return search_page(s, hits, k, offset, t0)
 
 
@@ -73,7 +66,7 @@ def similar(
     t0 = time.perf_counter()
     try:
         with state.busy:
-            hits = s.index.similar(image_id, k=k, offset=offset, **_kw(f))
+            hits = s.index.similar(image_id, k=k, offset=offset, filters=f)
     except QueryError as e:
         raise ApiError(404, "image_not_found", str(e)) from None
     return search_page(s, hits, k, offset, t0)
