@@ -142,8 +142,8 @@ def test_hub_cache_layout_is_used_offline(tmp_path: Path):
 def test_int8_quantized_text_tower_stays_close():
     exact = load_model(TINY, device="cpu", parts=("text",))
     q8 = load_model(TINY, device="cpu", parts=("text",), quantize="int8")
-    texts = ["красный круг", "синий квадрат", "жёлтый треугольник"]
+    texts = ["красный круг", "синий квадрат", "жёлтый треугольник", "рыжий кот спит на диване", "море"]
     cos = (exact.encode_text(texts) * q8.encode_text(texts)).sum(1)
-    assert cos.min() > 0.98
+    assert cos.min() >= 0.998  # README: int8 keeps cosine 0.998 to fp32 (tiny model: min 0.9992)
     with pytest.raises(ValueError, match="int8"):
         load_model(TINY, device="cpu", quantize="int4")

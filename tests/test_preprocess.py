@@ -1,7 +1,8 @@
 """Preprocessor vs the reference RuCLIPProcessor.image_transform.
 
 PSNR is measured over un-normalised pixel values in 0..1 (tensor * std + mean): PSNR = 10 log10(1 / MSE).
-`exact` must match the reference bit for bit; `fast` must keep every photo >= 35 dB and the median >= 45 dB.
+`exact` must match the reference bit for bit; `fast` keeps every photo >= 43 dB and, on Debian's wallpapers, the
+median >= 52.2 dB (the README's figures).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from ruclip_search.preprocess import Preprocessor, centre_crop
 
 ROOT = Path(__file__).resolve().parent.parent
 WALLPAPERS = ROOT / "bench-data" / "wallpapers"
-MIN_DB, MEDIAN_DB = 35.0, 45.0
+# README: `fast` keeps every photo at >= 43.0 dB PSNR, median 52.2 on Debian's wallpapers (measured 42.97 / 52.19).
+MIN_DB = 43.0
+WALLPAPER_MIN_DB, WALLPAPER_MEDIAN_DB = 42.95, 52.15  # the README's 43.0 / 52.2, to its one decimal
+SYNTHETIC_MEDIAN_DB = 50.0  # the synthetic photos below measure 48.4-52.0 dB, median 50.4
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +109,16 @@ def synthetic_jpegs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def _check_fidelity(paths: list[Path], reference_transform) -> list[float]:
+def _check_fidelity(paths: list[Path], reference_transform, min_db: float, median_db: float) -> list[float]:
     fast = Preprocessor()
     scores = [psnr(fast.load(p), reference_transform(open_image(p)), fast) for p in paths]
-    assert min(scores) >= MIN_DB, dict(zip([p.name for p in paths], scores, strict=True))
-    assert statistics.median(scores) >= MEDIAN_DB, scores
+    assert min(scores) >= min_db, dict(zip([p.name for p in paths], scores, strict=True))
+    assert statistics.median(scores) >= median_db, scores
     return scores
 
 
 def test_fast_fidelity_on_synthetic_photos(synthetic_jpegs: list[Path], reference_transform) -> None:
-    _check_fidelity(synthetic_jpegs, reference_transform)
+    _check_fidelity(synthetic_jpegs, reference_transform, MIN_DB, SYNTHETIC_MEDIAN_DB)
 
 
 def test_exact_is_bit_identical_on_synthetic_photos(synthetic_jpegs: list[Path], reference_transform) -> None:
@@ -128,7 +132,7 @@ def test_fidelity_on_debian_wallpapers(reference_transform) -> None:
     paths = sorted(p for p in WALLPAPERS.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg"})
     if not paths:
         pytest.skip("no wallpapers: run scripts/get_wallpapers.sh")
-    _check_fidelity(paths, reference_transform)
+    _check_fidelity(paths, reference_transform, WALLPAPER_MIN_DB, WALLPAPER_MEDIAN_DB)
     exact = Preprocessor(mode="exact")
     for path in paths:
         image = open_image(path)
@@ -188,7 +192,7 @@ def test_fast_load_every_orientation(tmp_path: Path, orientation: int, reference
     path = tmp_path / "o.jpg"
     img.save(path, quality=92, exif=exif)
     fast = Preprocessor()
-    assert psnr(fast.load(path), reference_transform(open_image(path)), fast) >= 40
+    assert psnr(fast.load(path), reference_transform(open_image(path)), fast) >= MIN_DB
 
 
 def test_other_image_sizes_and_stats() -> None:
