@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import StandInModel
 from PIL import Image, ImageOps, features
 
 from ruclip_search import decode
 from ruclip_search.decode import DEFAULT_MAX_PIXELS, image_info, open_image
 from ruclip_search.errors import ImageError
+from ruclip_search.indexer import build
+from ruclip_search.preprocess import Preprocessor
+from ruclip_search.store import Store
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
 
@@ -138,6 +144,19 @@ def test_every_orientation_matches_pil(tmp_path: Path, orientation: int) -> None
     assert np.array_equal(np.asarray(open_image(path)), np.asarray(expected))
 
 
+def test_oriented_tiff_is_rotated_once(tmp_path: Path) -> None:
+    img = _red_left_half(40, 20)
+    path = _save(img, tmp_path / "o6.tif", exif=_with_orientation(img, 6))
+    out = open_image(path)  # PIL's TIFF plugin applies the orientation itself while loading
+    assert out.size == (20, 40)
+    assert out.getpixel((10, 5)) == RED and out.getpixel((10, 35)) == (0, 0, 0)
+    decoded = decode.decode(path, draft_size=8, orient=False)
+    assert decoded.image.size == decoded.full_size == (20, 40)
+    assert (decoded.info["width"], decoded.info["height"], decoded.info["orientation"]) == (20, 40, 1)
+    fast, exact = (Preprocessor(image_size=16, mode=mode).load(path) for mode in ("fast", "exact"))
+    assert float((fast - exact).abs().max()) < 0.05
+
+
 def test_format_detected_by_content_and_all_sources(tmp_path: Path) -> None:
     img = _red_left_half(12, 6)
     path = _save(img, tmp_path / "really-a-png.jpg", format="PNG")
@@ -250,6 +269,83 @@ def test_truncated_png(tmp_path: Path) -> None:
     path = tmp_path / "cut.png"
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     assert "PNG" in _reason(path)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every chunk of a well-formed PNG."""
+    pos, chunks = 8, []
+    while pos < len(png):
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        chunks.append((png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def _png_from(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + b"".join(_png_chunk(kind, data) for kind, data in chunks)
+
+
+def _broken_png(kind: str) -> bytes:
+    """A PNG that Pillow opens but cannot load, like Pillow's own broken_data_stream.png, truncated_end_chunk.png
+    and apng/chunk_no_fctl.png. None has an eXIf chunk, so PIL's PngImageFile.getexif() loads the pixels."""
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    if kind == "corrupt stream":  # valid deflate for the top half, then a block of invalid type 3
+        rows = b"".join(b"\x00" + row.tobytes() for row in pixels)
+        packer = zlib.compressobj()
+        stream = packer.compress(rows[: len(rows) // 2]) + packer.flush(zlib.Z_FULL_FLUSH) + b"\x07" + bytes(64)
+        header = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
+        return _png_from([(b"IHDR", header), (b"IDAT", stream), (b"IEND", b"")])
+    if kind == "truncated final chunk":  # whole image data, then a chunk header whose 256 bytes are missing
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buffer, "PNG")
+        chunks = [chunk for chunk in _png_chunks(buffer.getvalue()) if chunk[0] != b"IEND"]
+        return _png_from(chunks) + struct.pack(">I", 256) + b"IDAT"
+    assert kind == "APNG missing fcTL"  # the second frame's fdAT comes without its fcTL
+    buffer = io.BytesIO()
+    frames = [Image.new("RGB", (16, 16), colour) for colour in (RED, (0, 0, 255))]
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    chunks = _png_chunks(buffer.getvalue())
+    second_fctl = [i for i, (chunk_type, _) in enumerate(chunks) if chunk_type == b"fcTL"][1]
+    return _png_from(chunks[:second_fctl] + chunks[second_fctl + 1 :])
+
+
+BROKEN_PNGS = ("corrupt stream", "truncated final chunk", "APNG missing fcTL")
+
+
+@pytest.mark.parametrize("kind", BROKEN_PNGS)
+def test_broken_png_is_an_error_not_a_partial_picture(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(_broken_png(kind))
+    with pytest.raises((OSError, SyntaxError)), Image.open(path) as im:  # the reference: Pillow cannot load it
+        im.load()
+    with pytest.raises(ImageError, match="PNG"):
+        decode.decode(path)
+    with pytest.raises(ImageError, match="PNG"):
+        decode.decode(path, draft_size=48, orient=False)
+    for mode in ("fast", "exact"):
+        with pytest.raises(ImageError, match="PNG"):
+            Preprocessor(image_size=16, mode=mode).load_with_info(path)
+
+
+def test_indexer_records_broken_pngs_as_errors(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _save(_red_left_half(), folder / "good.png")
+    for i, kind in enumerate(BROKEN_PNGS):
+        (folder / f"broken{i}.png").write_bytes(_broken_png(kind))
+    report = build(folder, index=tmp_path / "idx", model=StandInModel(), workers=0)
+    assert (report.added, report.failed) == (1, len(BROKEN_PNGS))
+    with Store.open(tmp_path / "idx") as store:
+        failed = {Path(record.path).name: record.error for record in store.iter_images(errors=True)}
+        indexed = [Path(record.path).name for record in store.iter_images(errors=False)]
+    assert indexed == ["good.png"]
+    assert sorted(failed) == [f"broken{i}.png" for i in range(len(BROKEN_PNGS))]
+    assert all(error and "PNG" in error for error in failed.values()), failed
 
 
 def test_text_file_named_jpg(tmp_path: Path) -> None:
