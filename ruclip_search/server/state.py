@@ -67,7 +67,8 @@ class ServerState:
     # under its own small bound: with FastAPI's 40 worker threads, unbounded thumbnail requests for huge
     # PNGs could hold 40 full-size images at once. The thumbnail cap is the indexer's (MAX_PIXELS), not the
     # upload cap: every image the index accepted keeps its thumbnail, and the bound keeps the worst case
-    # at decode_slots x MAX_PIXELS x 3 bytes (~1.1 GB). JPEGs decode far smaller (draft mode).
+    # at decode_slots x MAX_PIXELS x 3 bytes (~1.1 GB). JPEGs decode far smaller (draft mode). An image
+    # above the cap (only in an index built with a raised --max-pixels) answers 404 image_unreadable.
     decode_slots: int = DECODE_SLOTS
     thumb_max_pixels: int = MAX_PIXELS
     decoding: threading.BoundedSemaphore = field(init=False)
