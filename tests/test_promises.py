@@ -62,3 +62,40 @@ def test_unreadable_file_is_recorded_as_permission_denied() -> None:
             r = build(photos, index=base / "idx", model=StandInModel(), workers=0)
     assert dict((os.path.basename(p), w) for p, w in r.errors) == {"locked.jpg": "permission denied"}
     assert r.added == 3
+
+
+def test_minus_subtracts_the_weighted_term(search_index) -> None:
+    """README: `search "кот" --minus "собака"`: the whole ranking is the cosine to normalise(q - MINUS_WEIGHT * m),
+    and the excluded class falls (it rank first for "круг" alone with the fixture model)."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from ruclip_search.cli import main
+    from ruclip_search.defaults import MINUS_WEIGHT
+    from ruclip_search.search import Index
+
+    idx_dir = str(search_index[0])
+    n = len(search_index[1])
+
+    def ranking(*extra: str) -> list[dict]:
+        r = CliRunner().invoke(main, ["search", "круг", *extra, "--index", idx_dir, "--json", "-k", str(n)])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    plain, minus = ranking(), ranking("--minus", "красный круг")
+    with Index.open(idx_dir, device="cpu") as idx:
+        q = idx.embed_text("круг") - MINUS_WEIGHT * idx.embed_text("красный круг")
+        q /= np.linalg.norm(q)
+        ids, vecs = idx.store.all_embeddings()
+    scores = vecs.astype(np.float32) @ q
+    expected = ids[np.lexsort((ids, -scores))]
+    assert [h["id"] for h in minus] == expected.tolist()
+    np.testing.assert_allclose([h["score"] for h in minus], np.sort(scores)[::-1], atol=1e-4)
+
+    def red(hits: list[dict]) -> list[int]:
+        return [i for i, h in enumerate(hits) if Path(h["path"]).stem.startswith("красный круг")]
+
+    assert red(plain) == [0, 1, 2, 3] and all(a > b for a, b in zip(red(minus), red(plain), strict=True))
+    assert all("круг" in Path(h["path"]).stem and "красный" not in h["path"] for h in minus[:4])
