@@ -1,4 +1,5 @@
-"""kill -9 at random moments: a re-run must end identical to an uninterrupted build."""
+"""kill -9 mid-write, chosen on evidence of progress: a re-run must end identical to an uninterrupted build,
+and nothing of a killed build (forkserver, decoding workers) may outlive it."""
 
 from __future__ import annotations
 
@@ -6,62 +7,69 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from conftest import ROOT, TESTS, make_photos
+import pytest
+from conftest import make_photos
+from proctree import descendants, describe, kill_all, rows, run_builder, wait_gone
 from test_indexer import snapshot
 
-SCRIPT = """
-import sys
-sys.path[:0] = [{root!r}, {tests!r}]
-from conftest import StandInModel
-from ruclip_search.indexer import build
-build({photos!r}, index={index!r}, model=StandInModel(), workers={workers}, batch_size=3)
-"""
-
-
-def run_builder(photos: Path, index: Path, workers: int = 0) -> subprocess.Popen:
-    code = SCRIPT.format(root=str(ROOT), tests=str(TESTS), photos=str(photos), index=str(index), workers=workers)
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+N_PHOTOS = 48
+BATCH = 3
+KILLS = 10
 
 
 def finish(photos: Path, index: Path) -> None:
-    proc = run_builder(photos, index)
+    proc = run_builder(photos, index, batch_size=BATCH)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
 
 
-def test_sigkill_at_random_points(tmp_path: Path) -> None:
+@pytest.mark.crash
+def test_sigkill_mid_write(tmp_path: Path) -> None:
     photos = tmp_path / "photos"
-    make_photos(photos, 36, size=64)
+    make_photos(photos, N_PHOTOS, size=256)
     clean = tmp_path / "clean"
-    t0 = time.monotonic()
     finish(photos, clean)
-    duration = time.monotonic() - t0
     expected = snapshot(clean)
-    assert len(expected) == 36
+    assert len(expected) == N_PHOTOS
 
     rng = random.Random(1234)
     index = tmp_path / "crashy"
-    kills = attempts = 0
-    while kills < 10 and attempts < 30:
-        attempts += 1
-        if attempts == 6:  # change some files: later kills hit builds that start from partial state
+    mid_write = 0
+    for attempt in range(KILLS):
+        if attempt == KILLS // 2:  # change some files: later builds start from partial state with updates
             for p in sorted(photos.iterdir())[:5]:
                 os.utime(p)
-        proc = run_builder(photos, index, workers=1 if attempts % 4 == 3 else 0)
-        time.sleep(rng.uniform(0.3, duration))
-        if proc.poll() is None:
+        before = max(rows(index), 0)
+        if N_PHOTOS - before < 4 * BATCH:  # too little left to kill mid-write: start over
+            shutil.rmtree(index)
+            before = 0
+        # kill once this many rows are committed: at least one batch of this run, and several batches before the end
+        target = rng.randint(before + 1, N_PHOTOS - 3 * BATCH)
+        proc = run_builder(photos, index, workers=1 if attempt % 3 == 1 else 0, batch_size=BATCH)
+        try:
+            while proc.poll() is None and rows(index) < target:
+                time.sleep(0.002)
+            tree = descendants(proc.pid)
+            seen = rows(index)
             proc.send_signal(signal.SIGKILL)
-            kills += 1
-        elif kills % 3 == 0:
-            shutil.rmtree(index)  # it finished: start over so the next kill lands mid-build again
-        proc.wait(timeout=60)
-    assert kills >= 10
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.stderr.close()
+        after = rows(index)
+        if proc.returncode == -signal.SIGKILL and before < seen and after < N_PHOTOS:
+            mid_write += 1  # after this run's first committed batch, before its last one
+        left, _ = wait_gone(tree)
+        message = f"attempt {attempt}: still running 5 s after kill -9: {describe(left)}"
+        kill_all(left)
+        assert not left, message
+    assert mid_write >= KILLS - 2, f"only {mid_write} of {KILLS} kills landed mid-write"
+
     finish(photos, index)
     got = snapshot(index)
     assert got.keys() == expected.keys()
