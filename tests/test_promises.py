@@ -219,3 +219,34 @@ def test_build_exclude_and_max_pixels_through_the_cli(tmp_path: Path, tiny_model
     info = json.loads(CliRunner().invoke(main, ["info", "--index", str(tmp_path / "idx"), "--json", "--errors"]).output)
     assert [Path(e["path"]).name for e in info["error_files"]] == ["big.png"]
     assert "pixels" in json.dumps(info["error_files"][0], ensure_ascii=False), info["error_files"]
+
+
+# -- the model ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_text_stops_at_the_last_token_and_matches_the_reference(rows: int) -> None:
+    """README: the text tower runs only up to the batch's last EOS, and the result is the reference's (1e-4).
+
+    Every row is short here, so our run really stops early (checked with a hook), unlike a batch holding one
+    full-length row; the reference runs all 77 positions."""
+    import torch
+    from test_model import MID, reference_and_ours
+
+    ref, ours = reference_and_ours(MID)
+    gen = torch.Generator().manual_seed(11 + rows)
+    ids = torch.zeros(rows, MID["context_length"], dtype=torch.long)
+    for i in range(rows):
+        n = 1 + int(torch.randint(0, 9, (1,), generator=gen))  # 1-9 tokens: a typical query
+        ids[i, 0], ids[i, n + 1] = 2, 3
+        ids[i, 1 : n + 1] = torch.randint(4, MID["vocab_size"], (n,), generator=gen)
+    seen: list[int] = []
+    hook = ours.transformer.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            t_ref, t_ours = ref.encode_text(ids), ours.encode_text(ids)
+    finally:
+        hook.remove()
+    last_eos = int((ids == 3).int().argmax(dim=1).max())
+    assert seen == [last_eos + 1] and seen[0] < 12  # stopped at the batch's last EOS
+    assert (t_ref - t_ours).abs().max().item() <= 1e-4
+    if rows > 1:
+        assert (t_ours[1:] - t_ours[:1]).abs().max() > 1e-2  # distinct inputs, distinct outputs
