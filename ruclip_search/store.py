@@ -230,6 +230,27 @@ def _connector(db_path: Path, readonly: bool) -> Callable[[], sqlite3.Connection
     return lambda: sqlite3.connect(path, check_same_thread=False)
 
 
+def _damaged(db_path: Path, readonly: bool) -> Callable[[Any], None]:
+    """An SQLAlchemy `handle_error` hook: a damaged database becomes a StorageError (the server's 503) anywhere.
+
+    Readers get it for every database error (the file was replaced by garbage, truncated, deleted); writers
+    only for damage, so their own handlers still word lock and disk-full errors.
+    """
+
+    def handle(context: Any) -> None:
+        exc = context.original_exception
+        if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, sqlite3.IntegrityError):
+            return
+        if not readonly and isinstance(exc, sqlite3.OperationalError):
+            return
+        raise StorageError(
+            f"The index database {str(db_path)!r} cannot be read ({exc}): it is damaged or was replaced; "
+            "build the index again (`ruclip-index build PHOTOS_DIR --rebuild`)."
+        ) from exc
+
+    return handle
+
+
 def _require_index(index_dir: str | os.PathLike[str]) -> None:
     """Raise IndexNotFoundError unless `index_dir` holds an index database (creates nothing)."""
     if not (Path(index_dir) / DB_NAME).is_file():
@@ -248,6 +269,7 @@ class Store:
         pool = sa.pool.NullPool if readonly else sa.pool.QueuePool
         self.engine = sa.create_engine("sqlite://", creator=_connector(self.db_path, readonly), poolclass=pool)
         sa.event.listen(self.engine, "connect", _on_connect(readonly))
+        sa.event.listen(self.engine, "handle_error", _damaged(self.db_path, readonly))
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod

@@ -108,7 +108,6 @@ def _served_copy(search_index, tmp_path: Path) -> Path:
     return tmp_path / "index"
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: a database damaged while serving answers 500 internal_error")
 def test_damaged_database_while_serving_answers_503(search_index, tmp_path: Path) -> None:
     """README errors table: 503 `index_unavailable` when the index on disk is damaged."""
     from fastapi.testclient import TestClient
