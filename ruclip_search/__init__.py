@@ -8,10 +8,11 @@ from . import errors
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "build", "Index", "Hit", "zero_shot", "errors"]
+__all__ = ["__version__", "load_model", "build", "Index", "Hit", "SearchFilters", "zero_shot", "errors"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoder import load_model
+    from .filters import SearchFilters
     from .indexer import build
     from .search import Hit, Index, zero_shot
 
@@ -21,6 +22,7 @@ _LAZY = {
     "build": "indexer",
     "Index": "search",
     "Hit": "search",
+    "SearchFilters": "filters",
     "zero_shot": "search",
 }
 
