@@ -125,16 +125,6 @@ def _load_chunk(loader: Loader, preprocessor: Any, max_pixels: int | None, paths
 
 
 # -- parent side -------------------------------------------------------------------------------------
-def _terminate_workers(pool: ProcessPoolExecutor) -> None:
-    """Kill a pool's workers now (an interrupted build must not wait for chunks nobody will read)."""
-    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
-    if terminate is not None:
-        terminate()
-        return
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        proc.terminate()
-
-
 class _HasPath(Protocol):
     path: str
 
@@ -157,7 +147,6 @@ class _Decoder:
         self.depth = max(2 * workers, -(-ahead // CHUNK) + workers)
         self.pool: ProcessPoolExecutor | None = None
         self._probe: Future | None = None
-        self._busy = False  # a run() is under way: closing now means it was abandoned (Ctrl-C, an error)
 
     def prestart(self) -> None:
         """Start the worker processes now (they need no model), so they boot while the model loads."""
@@ -190,14 +179,15 @@ class _Decoder:
         self.pool = self._new_pool()
 
     def close(self) -> None:
-        """Stop the workers and wait for them to exit; mid-run (interrupted), without finishing their chunks."""
-        if self.pool is None:
-            return
-        if self._busy:
-            _terminate_workers(self.pool)
-            self._busy = False
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pool = None
+        """Cancel queued chunks, let running ones finish, and wait for the workers to exit.
+
+        Interrupted (Ctrl-C, SIGTERM, an error), this waits for at most one chunk per worker: killing them
+        instead can cut a result message in half, and then the pool's manager thread waits for the rest of
+        it for ever (seen in test_cli_build_stops_cleanly).
+        """
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
     def _submit(self, paths: list[str]) -> Future:
         assert self.pool is not None
@@ -215,7 +205,6 @@ class _Decoder:
         nxt = 0
         self.prestart()
         self._check_started()
-        self._busy = True
         while nxt < len(chunks) or pending:
             while nxt < len(chunks) and len(pending) < depth:
                 chunk = chunks[nxt]
@@ -232,7 +221,6 @@ class _Decoder:
                     yield from self._isolate(c)
                 continue
             yield from zip(chunk, results, strict=True)
-        self._busy = False
 
     def _isolate(self, chunk: list[J]) -> Iterable[tuple[J, Loaded]]:
         """Decode one file at a time so a worker death is pinned on the file that caused it."""

@@ -111,6 +111,7 @@ def run_cli_build(photos: Path, index: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ruclip_search.cli", "build", str(photos), "--index", str(index), "--model",
            str(TINY_MODEL), "--device", "cpu", "--workers", "2", "--batch-size", "4", "--quiet"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["PYTHONFAULTHANDLER"] = "1"  # a hung build dumps its threads' stacks on SIGABRT (see below)
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -137,6 +138,10 @@ def test_cli_build_stops_cleanly(tmp_path: Path, many_photos: Path, tiny_model_p
         else:  # `kill PID`
             proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"the build did not stop within 60 s of {how}: {err.decode(errors='replace')[-6000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
