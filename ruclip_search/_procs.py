@@ -59,7 +59,7 @@ def _die_with_parent(expected_ppid: int | None) -> bool:
     """Arm the parent-death signal; exit now if the parent is already gone. False when prctl is missing."""
     if not _pdeathsig():
         return False
-    if os.getppid() != expected_ppid and expected_ppid is not None:
+    if expected_ppid is not None and os.getppid() != expected_ppid:
         os._exit(1)  # the parent died before the signal was armed: it will never come
     return True
 
