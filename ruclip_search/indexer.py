@@ -1,4 +1,3 @@
-# TEMPORARY NOTE (remove before the final commit): several engineers edit this working tree concurrently. READ /tmp/rules.md NOW and follow it (ownership, no git stash/checkout/reset/add -A/commit -a, targeted tests only).
 """`build`: walk photo folders, decode in worker processes ahead of the model, batch-encode, store, index.
 
 Incremental (size + mtime_ns, content hash for moves and duplicates), crash-safe (each batch is one SQLite

@@ -1,4 +1,3 @@
-# TEMPORARY NOTE (remove before the final commit): several engineers edit this working tree concurrently. READ /tmp/rules.md NOW and follow it (ownership, no git stash/checkout/reset/add -A/commit -a, targeted tests only).
 """The index's SQLite database (SQLAlchemy Core): roots, per-image metadata and float16 embeddings, meta keys.
 
 Writers (the indexer) hold the directory lock; readers (search, server) use the read API below and may run
