@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 import warnings
 from pathlib import Path
 
@@ -136,10 +137,19 @@ def _check(path: Path) -> tuple[str, str, dict[str, str]]:
 def test_decoder_agrees_with_pillow_on_its_test_images(corpus: Path) -> None:
     files = sorted(p for p in corpus.rglob("*") if p.is_file())
     assert len(files) > 500, f"only {len(files)} files under {corpus}: a broken download? delete it and rerun"
-    context = multiprocessing.get_context("fork")
-    with context.Pool(min(2, os.cpu_count() or 1), initializer=_init_worker, maxtasksperchild=100) as pool:
-        results = pool.imap_unordered(_check, files)  # chunksize 1: only that iterator has next(timeout)
-        checked = [results.next(timeout=3 * PER_FILE_TIMEOUT_S) for _ in files]
+    # spawn, not fork: earlier tests in the same session may have started torch's OpenMP threads, and a
+    # forked child that then runs torch deadlocks in them (seen in CI: both workers hung, no answer at all).
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(2, os.cpu_count() or 1), initializer=_init_worker, maxtasksperchild=200) as pool:
+        pending = {p: pool.apply_async(_check, (p,)) for p in files}
+        checked, silent = [], []
+        deadline = time.monotonic() + len(files) * 2 + 3 * PER_FILE_TIMEOUT_S
+        for path, result in pending.items():
+            try:
+                checked.append(result.get(timeout=max(1.0, deadline - time.monotonic())))
+            except multiprocessing.TimeoutError:
+                silent.append(path.relative_to(corpus).as_posix())  # its worker died or hung in C code
+    assert not silent, f"no answer (a worker died or hung where SIGALRM cannot reach): {silent}"
     accepted, refused, timeouts = [], [], []
     for path, pillow, ours in checked:
         name = Path(path).relative_to(corpus).as_posix()
