@@ -7,12 +7,13 @@ the text tower stops at the longest EOS position of the batch (a causal model ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -170,12 +171,14 @@ class VisionTransformer(nn.Module):
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width**-0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, causal=False)
         self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.proj = nn.Parameter(torch.empty(width, output_dim))
+        for p in (self.class_embedding, self.positional_embedding, self.proj):  # CLIP's scale * randn
+            nn.init.normal_(p, std=scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
         x = self.conv1(x)  # (B, width, grid, grid)
@@ -213,7 +216,7 @@ class CLIP(nn.Module):
             self.ln_final = LayerNorm(c.transformer_width)
             self.text_projection = nn.Parameter(torch.empty(c.transformer_width, c.embed_dim))
             self._init_text()
-        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.logit_scale = nn.Parameter(torch.full([], math.log(1 / 0.07)))
 
     def _init_text(self) -> None:
         """CLIP's initialisation, so random-weight models (tests, benchmarks) behave like real ones."""
@@ -321,13 +324,35 @@ def read_config(folder: str | os.PathLike) -> CLIPConfig:
         raise CheckpointError(f"{path} is not a valid RuCLIP config ({e}): download it again") from e
 
 
+_INIT_FUNCTIONS = ("normal_", "uniform_", "xavier_uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_",
+                   "constant_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Make torch.nn.init's functions no-ops while a model is built on the meta device.
+
+    Initialising a meta tensor computes nothing, but it runs through torch._refs, whose first use imports
+    torch._dynamo: measured 2.5 s of every process start (CLI search, serve) for values the checkpoint replaces.
+    Hand-written because torch offers no switch for it (transformers patches these same functions).
+    """
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def from_pretrained(name_or_path: str | os.PathLike, parts: Iterable[str] = PARTS) -> tuple[CLIP, BPETokenizer, str]:
     """Load a released model by name (hub cache) or a local folder: (network in eval mode, tokenizer, name)."""
     folder = registry.resolve(name_or_path)
     config = read_config(folder)
     tokenizer = BPETokenizer.from_file(folder / "bpe.model")
     weights = registry._weights_file(folder)
-    with torch.device("meta"):  # no random init: the checkpoint's (memory-mapped) tensors become the parameters
+    with torch.device("meta"), _skip_init():  # no init: the checkpoint's (memory-mapped) tensors become the parameters
         model = CLIP(config, parts)
     sd = load_state_dict(weights)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # checkpoints saved from DataParallel
