@@ -217,7 +217,7 @@ def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
     """(Re)build the FAISS file from the stored embeddings and switch meta to it atomically."""
     kind = kind or store.get_meta("index_kind") or defaults.INDEX_TYPE
     data_version = store.data_version()
-    ids, vectors = store.all_embeddings()
+    ids, vectors, seq = store.snapshot_embeddings()  # the file covers the changes up to `seq` (faiss_seq)
     if store.dim is None:
         return None
     index, info = faiss_index.build_faiss(vectors, ids, kind)
@@ -231,7 +231,7 @@ def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
     store.set_meta(
         faiss_file=name, index_version=str(version), index_type=info["type"], index_kind=kind,
         recall_at_10=str(info["recall_at_10"]), index_params=json.dumps(info["params"]),
-        faiss_data_version=str(data_version), index_count=str(info["n"]),
+        faiss_data_version=str(data_version), index_count=str(info["n"]), faiss_seq=str(seq),
     )  # fmt: skip
     if old and old != name:
         try:
