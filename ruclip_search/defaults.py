@@ -51,8 +51,16 @@ THUMB_CACHE_BYTES = 64 * 1024 * 1024
 #: image (a thumbnail up to MAX_PIXELS x 3 bytes, ~537 MB), so this bounds the server's decoding memory.
 DECODE_SLOTS = 2
 
-#: How often a server checks whether a build finished (seconds, on the request path).
+#: How often a server checks whether a build finished (seconds, on the request path); an open Index also
+#: picks up other processes' writes this often.
 REFRESH_INTERVAL = 0.5
+
+#: Photos an `Index.add_many` commits per transaction.
+WRITE_BATCH = 64
+
+#: Photos changed since the FAISS file was written above which a writable Index rewrites it (compaction,
+#: in a background thread); below it they are searched exactly next to the FAISS file.
+SEGMENT_MAX = 50_000
 
 #: Where `serve` listens unless told otherwise (loopback only).
 HOST, PORT = "127.0.0.1", 8000
