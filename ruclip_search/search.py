@@ -1132,7 +1132,7 @@ class Index:
         return Path(record.path)
 
 
-_LOOSE_FILTERS = frozenset({"under", "date_from", "date_to", "formats", "min_score"})
+_LOOSE_FILTERS = frozenset({"under", "date_from", "date_to", "formats", "min_score", "collections", "labels"})
 
 __all__ = [
     "DEFAULT_TEMPLATES", "Hit", "Index", "RuclipSearchError", "SearchFilters", "find_duplicates",
