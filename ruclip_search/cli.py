@@ -305,10 +305,16 @@ def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> 
               help="Require `Authorization: Bearer TOKEN` (also read from RUCLIP_SEARCH_TOKEN).")  # fmt: skip
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Allow browser pages from ORIGIN to call the API (repeatable; default none).")  # fmt: skip
+@click.option("--write-token", envvar="RUCLIP_SEARCH_WRITE_TOKEN", default=None,
+              help="Enable PUT/DELETE /photos for requests with `Authorization: Bearer WRITE_TOKEN` (also read "
+                   "from RUCLIP_SEARCH_WRITE_TOKEN); without it the server is read-only.")  # fmt: skip
+@click.option("--allow-root", "allow_roots", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder whose image files PUT /photos may name by path (repeatable; default none).")  # fmt: skip
 @model_option
 @device_option
 def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, cors_origins: tuple[str, ...],
-          model: str | None, device: str) -> None:  # fmt: skip
+          write_token: str | None, allow_roots: tuple[Path, ...], model: str | None, device: str) -> None:  # fmt: skip
     """Serve indexes over HTTP: JSON API (docs at /docs) and a search page at /.
 
     Examples:
@@ -316,13 +322,69 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
     \b
       ruclip-index serve --index indexes/photos
       ruclip-index serve --index indexes/photos --index indexes/phone --port 8080 --token s3cret
+      ruclip-index serve --index indexes/app --write-token w5ecret --allow-root /srv/uploads
     """
     from .server import serve as run_server
 
+    if allow_roots and not write_token:
+        raise click.BadParameter("--allow-root only matters for writes: add --write-token TOKEN.",
+                                 param_hint="'--allow-root'")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    click.echo(f"serving {len(indexes)} index(es) on http://{host}:{port}/ (API docs at /docs)", err=True)
+    writes = " (writes enabled: PUT/DELETE /photos)" if write_token else ""
+    click.echo(f"serving {len(indexes)} index(es) on http://{host}:{port}/{writes} (API docs at /docs)", err=True)
     run_server(list(indexes), host=host, port=port, token=token or None, cors_origins=cors_origins, model=model,
-               device=device)  # fmt: skip
+               device=device, write_token=write_token or None, allow_roots=allow_roots)  # fmt: skip
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", default=defaults.MODEL, show_default=True, help="Model name or folder.")
+@device_option
+@json_option
+def create(index_dir: Path, model: str, device: str, as_json: bool) -> None:
+    """Create an empty index bound to a model, for photos written over HTTP (`serve --write-token`) or the API.
+
+    An existing index of the same model is left as it is; one of another model is an error.
+
+    Examples:
+
+    \b
+      ruclip-index create indexes/app
+      ruclip-index create indexes/app --model ruclip-vit-base-patch32-224
+    """
+    from .search import Index
+
+    with Index.create(index_dir, model=model, device=device) as idx:
+        data = idx.info()
+    if as_json:
+        click.echo(json.dumps(data, ensure_ascii=False, default=str))
+    else:
+        click.echo(f"index {index_dir}: {data['images']} images, model {data['model']} ({data['dim']}-d)")
+
+
+@main.command()
+@index_option()
+@quiet_option
+@json_option
+def compact(index: Path | None, quiet: bool, as_json: bool) -> None:
+    """Rewrite the FAISS file from the stored embeddings so it covers every write (searches go on meanwhile).
+
+    Writable indexes compact by themselves past a size; run this after many writes, e.g. nightly.
+
+    Examples:
+
+    \b
+      ruclip-index compact --index indexes/app
+      ruclip-index compact --json
+    """
+    from .search import Index
+
+    with Index.open(resolve_index(index), writable=True) as idx:
+        result = idx.compact()
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False, default=str))
+    elif not quiet:
+        click.echo(", ".join(f"{k}: {v}" for k, v in result.items()))
 
 
 # -- search commands (search, similar, classify, dupes) ----------------------------------------------

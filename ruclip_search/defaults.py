@@ -62,5 +62,8 @@ WRITE_BATCH = 64
 #: in a background thread); below it they are searched exactly next to the FAISS file.
 SEGMENT_MAX = 50_000
 
+#: Most labels one photo written over HTTP may carry, and most collection/label values one search names.
+MAX_LABELS = 100
+
 #: Where `serve` listens unless told otherwise (loopback only).
 HOST, PORT = "127.0.0.1", 8000
