@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,70 @@ def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> 
         )
 
 
+def _counts(report: Any) -> str:
+    """The non-zero counts of a BuildReport, e.g. "2 added, 1 removed" ("no change" when none)."""
+    names = ("added", "updated", "moved", "removed", "failed")
+    parts = [f"{getattr(report, n)} {n}" for n in names if getattr(report, n)]
+    return ", ".join(parts) or "no change"
+
+
+def _watch_reporter(say: Callable[[str], None], err: Callable[[str], None], what: str) -> Callable[[Any], None]:
+    """Turns the watcher's WatchEvents into lines: `say` for progress, `err` for problems."""
+
+    def on_event(event: Any) -> None:
+        if event.kind == "ready":
+            say(f"caught up ({_counts(event.report)}); watching {what}")
+        elif event.kind == "batch" and _counts(event.report) != "no change":
+            say(f"{_counts(event.report)} ({event.latency_s:.1f} s after the last change)")
+        elif event.kind in ("waiting", "error"):
+            err(event.message + (" (retrying)" if event.kind == "waiting" else ""))
+
+    return on_event
+
+
+@main.command()
+@click.argument("photos_dir", nargs=-1, required=True, type=click.Path(path_type=Path))
+@index_option()
+@model_option
+@device_option
+@click.option("--workers", type=click.IntRange(0), default=defaults.WATCH_WORKERS, show_default=True,
+              help="Decoding processes kept running (0: decode in this process).")  # fmt: skip
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable).")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
+@quiet_option
+def watch(photos_dir: tuple[Path, ...], index: Path | None, model: str | None, device: str, workers: int,
+          exclude: tuple[str, ...], follow_symlinks: bool, quiet: bool) -> None:  # fmt: skip
+    """Keep the index of PHOTOS_DIR... up to date as files are added, changed, moved or deleted (until Ctrl-C).
+
+    Catches up first (one incremental build), then indexes each file once it has stopped changing for
+    half a second, usually within 2 s. Other commands may use the index meanwhile.
+
+    Examples:
+
+    \b
+      ruclip-index watch ~/Pictures
+      ruclip-index watch ./photos ./phone --index indexes/all --exclude '*/.thumbnails/*'
+    """
+    from .indexer import default_index_dir
+    from .watch import Watcher
+
+    index = index if index is not None else default_index_dir(list(photos_dir))
+    stamp = lambda line: click.echo(f"{time.strftime('%H:%M:%S')} {line}")  # noqa: E731
+    say = (lambda line: None) if quiet else stamp
+    on_event = _watch_reporter(say, lambda line: click.echo(f"warning: {line}", err=True), f"-> {index}")
+    progress = _Progress(quiet)
+    watcher = Watcher(list(photos_dir), index, model=model, device=device, workers=workers, exclude=exclude,
+                      follow_symlinks=follow_symlinks, on_event=on_event, progress=progress)  # fmt: skip
+    try:
+        watcher.run()
+    except _Terminated:
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted; stopped watching (what was committed is kept; run it again to catch up and go on).", 130)
+    finally:
+        progress.close()
+
+
 @main.command()
 @click.option("--index", "indexes", multiple=True, required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index folder to serve (repeatable; the first is the default, pick others with ?index=NAME).")  # fmt: skip
@@ -311,10 +376,13 @@ def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> 
 @click.option("--allow-root", "allow_roots", multiple=True, metavar="DIR",
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A folder whose image files PUT /photos may name by path (repeatable; default none).")  # fmt: skip
+@click.option("--watch", "watch_dirs", multiple=True, metavar="DIR", type=click.Path(path_type=Path),
+              help="Keep the first --index up to date with DIR's files as they change (repeatable).")  # fmt: skip
 @model_option
 @device_option
 def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, cors_origins: tuple[str, ...],
-          write_token: str | None, allow_roots: tuple[Path, ...], model: str | None, device: str) -> None:  # fmt: skip
+          write_token: str | None, allow_roots: tuple[Path, ...], watch_dirs: tuple[Path, ...], model: str | None,
+          device: str) -> None:  # fmt: skip
     """Serve indexes over HTTP: JSON API (docs at /docs) and a search page at /.
 
     Examples:
@@ -323,6 +391,7 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
       ruclip-index serve --index indexes/photos
       ruclip-index serve --index indexes/photos --index indexes/phone --port 8080 --token s3cret
       ruclip-index serve --index indexes/app --write-token w5ecret --allow-root /srv/uploads
+      ruclip-index serve --index indexes/photos --watch ~/Pictures
     """
     from .server import serve as run_server
 
@@ -331,9 +400,22 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
                                  param_hint="'--allow-root'")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     writes = " (writes enabled: PUT/DELETE /photos)" if write_token else ""
+    watcher = None
+    if watch_dirs:  # caught up before serving (the index may not exist yet), then watched in a background thread
+        from .watch import Watcher
+
+        log = logging.getLogger("ruclip_search.watch")
+        on_event = _watch_reporter(log.info, log.warning, f"{len(watch_dirs)} folder(s) -> {indexes[0]}")
+        watcher = Watcher(list(watch_dirs), indexes[0], model=model, device=device, on_event=on_event)
+        click.echo(f"catching up with {len(watch_dirs)} folder(s) in {indexes[0]}", err=True)
+        watcher.start()
     click.echo(f"serving {len(indexes)} index(es) on http://{host}:{port}/{writes} (API docs at /docs)", err=True)
-    run_server(list(indexes), host=host, port=port, token=token or None, cors_origins=cors_origins, model=model,
-               device=device, write_token=write_token or None, allow_roots=allow_roots)  # fmt: skip
+    try:
+        run_server(list(indexes), host=host, port=port, token=token or None, cors_origins=cors_origins, model=model,
+                   device=device, write_token=write_token or None, allow_roots=allow_roots)  # fmt: skip
+    finally:
+        if watcher is not None:
+            watcher.stop()
 
 
 @main.command()

@@ -65,5 +65,18 @@ SEGMENT_MAX = 50_000
 #: Most labels one photo written over HTTP may carry, and most collection/label values one search names.
 MAX_LABELS = 100
 
+#: `watch`: a changed file is indexed once its size and mtime have been still for WATCH_SETTLE seconds (so a
+#: half-written file never is); files settling within WATCH_GATHER seconds of each other share one batch (at
+#: most WATCH_MAX_BATCH paths); a batch that finds the index locked is retried every WATCH_RETRY seconds; the
+#: FAISS file (batches are searchable through the change log without it) is rewritten when the watcher is
+#: idle and the file has missed changes for WATCH_REINDEX seconds; WATCH_WORKERS decoding processes are kept
+#: running.
+WATCH_SETTLE = 0.5
+WATCH_GATHER = 0.3
+WATCH_MAX_BATCH = 1000
+WATCH_RETRY = 1.0
+WATCH_REINDEX = 60.0
+WATCH_WORKERS = 2
+
 #: Where `serve` listens unless told otherwise (loopback only).
 HOST, PORT = "127.0.0.1", 8000

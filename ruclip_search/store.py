@@ -859,6 +859,15 @@ class Store:
         ).first()
         return StoredContent(row[0], ImageMeta(*row[1:])) if row is not None else None
 
+    @staticmethod
+    def files_by_hash(conn: sa.Connection, content_hash: bytes) -> list[tuple[int, int, bytes]]:
+        """(id, root_id, relpath) of the folder files with an embedding of this content (the watcher's moves)."""
+        c = images_table.c
+        query = sa.select(c.id, c.root_id, c.relpath).where(
+            c.content_hash == content_hash, c.embedding.is_not(None), c.root_id.is_not(None)
+        )
+        return [(int(r[0]), int(r[1]), bytes(r[2])) for r in conn.execute(query)]
+
     def embedding_by_hash(self, content_hash: bytes) -> bytes | None:
         """A stored float16 embedding of a file with this content, if any."""
         with self.engine.connect() as conn:
