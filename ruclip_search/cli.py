@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,70 @@ def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> 
         )
 
 
+def _counts(report: Any) -> str:
+    """The non-zero counts of a BuildReport, e.g. "2 added, 1 removed" ("no change" when none)."""
+    names = ("added", "updated", "moved", "removed", "failed")
+    parts = [f"{getattr(report, n)} {n}" for n in names if getattr(report, n)]
+    return ", ".join(parts) or "no change"
+
+
+def _watch_reporter(say: Callable[[str], None], err: Callable[[str], None], what: str) -> Callable[[Any], None]:
+    """Turns the watcher's WatchEvents into lines: `say` for progress, `err` for problems."""
+
+    def on_event(event: Any) -> None:
+        if event.kind == "ready":
+            say(f"caught up ({_counts(event.report)}); watching {what}")
+        elif event.kind == "batch" and _counts(event.report) != "no change":
+            say(f"{_counts(event.report)} ({event.latency_s:.1f} s after the last change)")
+        elif event.kind in ("waiting", "error"):
+            err(event.message + (" (retrying)" if event.kind == "waiting" else ""))
+
+    return on_event
+
+
+@main.command()
+@click.argument("photos_dir", nargs=-1, required=True, type=click.Path(path_type=Path))
+@index_option()
+@model_option
+@device_option
+@click.option("--workers", type=click.IntRange(0), default=defaults.WATCH_WORKERS, show_default=True,
+              help="Decoding processes kept running (0: decode in this process).")  # fmt: skip
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable).")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
+@quiet_option
+def watch(photos_dir: tuple[Path, ...], index: Path | None, model: str | None, device: str, workers: int,
+          exclude: tuple[str, ...], follow_symlinks: bool, quiet: bool) -> None:  # fmt: skip
+    """Keep the index of PHOTOS_DIR... up to date as files are added, changed, moved or deleted (until Ctrl-C).
+
+    Catches up first (one incremental build), then indexes each file once it has stopped changing for
+    half a second, usually within 2 s. Other commands may use the index meanwhile.
+
+    Examples:
+
+    \b
+      ruclip-index watch ~/Pictures
+      ruclip-index watch ./photos ./phone --index indexes/all --exclude '*/.thumbnails/*'
+    """
+    from .indexer import default_index_dir
+    from .watch import Watcher
+
+    index = index if index is not None else default_index_dir(list(photos_dir))
+    stamp = lambda line: click.echo(f"{time.strftime('%H:%M:%S')} {line}")  # noqa: E731
+    say = (lambda line: None) if quiet else stamp
+    on_event = _watch_reporter(say, lambda line: click.echo(f"warning: {line}", err=True), f"-> {index}")
+    progress = _Progress(quiet)
+    watcher = Watcher(list(photos_dir), index, model=model, device=device, workers=workers, exclude=exclude,
+                      follow_symlinks=follow_symlinks, on_event=on_event, progress=progress)  # fmt: skip
+    try:
+        watcher.run()
+    except _Terminated:
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted; stopped watching (what was committed is kept; run it again to catch up and go on).", 130)
+    finally:
+        progress.close()
+
+
 @main.command()
 @click.option("--index", "indexes", multiple=True, required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index folder to serve (repeatable; the first is the default, pick others with ?index=NAME).")  # fmt: skip
@@ -305,10 +370,19 @@ def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> 
               help="Require `Authorization: Bearer TOKEN` (also read from RUCLIP_SEARCH_TOKEN).")  # fmt: skip
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Allow browser pages from ORIGIN to call the API (repeatable; default none).")  # fmt: skip
+@click.option("--write-token", envvar="RUCLIP_SEARCH_WRITE_TOKEN", default=None,
+              help="Enable PUT/DELETE /photos for requests with `Authorization: Bearer WRITE_TOKEN` (also read "
+                   "from RUCLIP_SEARCH_WRITE_TOKEN); without it the server is read-only.")  # fmt: skip
+@click.option("--allow-root", "allow_roots", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder whose image files PUT /photos may name by path (repeatable; default none).")  # fmt: skip
+@click.option("--watch", "watch_dirs", multiple=True, metavar="DIR", type=click.Path(path_type=Path),
+              help="Keep the first --index up to date with DIR's files as they change (repeatable).")  # fmt: skip
 @model_option
 @device_option
 def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, cors_origins: tuple[str, ...],
-          model: str | None, device: str) -> None:  # fmt: skip
+          write_token: str | None, allow_roots: tuple[Path, ...], watch_dirs: tuple[Path, ...], model: str | None,
+          device: str) -> None:  # fmt: skip
     """Serve indexes over HTTP: JSON API (docs at /docs) and a search page at /.
 
     Examples:
@@ -316,13 +390,83 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
     \b
       ruclip-index serve --index indexes/photos
       ruclip-index serve --index indexes/photos --index indexes/phone --port 8080 --token s3cret
+      ruclip-index serve --index indexes/app --write-token w5ecret --allow-root /srv/uploads
+      ruclip-index serve --index indexes/photos --watch ~/Pictures
     """
     from .server import serve as run_server
 
+    if allow_roots and not write_token:
+        raise click.BadParameter("--allow-root only matters for writes: add --write-token TOKEN.",
+                                 param_hint="'--allow-root'")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    click.echo(f"serving {len(indexes)} index(es) on http://{host}:{port}/ (API docs at /docs)", err=True)
-    run_server(list(indexes), host=host, port=port, token=token or None, cors_origins=cors_origins, model=model,
-               device=device)  # fmt: skip
+    writes = " (writes enabled: PUT/DELETE /photos)" if write_token else ""
+    watcher = None
+    if watch_dirs:  # caught up before serving (the index may not exist yet), then watched in a background thread
+        from .watch import Watcher
+
+        log = logging.getLogger("ruclip_search.watch")
+        on_event = _watch_reporter(log.info, log.warning, f"{len(watch_dirs)} folder(s) -> {indexes[0]}")
+        watcher = Watcher(list(watch_dirs), indexes[0], model=model, device=device, on_event=on_event)
+        click.echo(f"catching up with {len(watch_dirs)} folder(s) in {indexes[0]}", err=True)
+        watcher.start()
+    click.echo(f"serving {len(indexes)} index(es) on http://{host}:{port}/{writes} (API docs at /docs)", err=True)
+    try:
+        run_server(list(indexes), host=host, port=port, token=token or None, cors_origins=cors_origins, model=model,
+                   device=device, write_token=write_token or None, allow_roots=allow_roots)  # fmt: skip
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", default=defaults.MODEL, show_default=True, help="Model name or folder.")
+@device_option
+@json_option
+def create(index_dir: Path, model: str, device: str, as_json: bool) -> None:
+    """Create an empty index bound to a model, for photos written over HTTP (`serve --write-token`) or the API.
+
+    An existing index of the same model is left as it is; one of another model is an error.
+
+    Examples:
+
+    \b
+      ruclip-index create indexes/app
+      ruclip-index create indexes/app --model ruclip-vit-base-patch32-224
+    """
+    from .search import Index
+
+    with Index.create(index_dir, model=model, device=device) as idx:
+        data = idx.info()
+    if as_json:
+        click.echo(json.dumps(data, ensure_ascii=False, default=str))
+    else:
+        click.echo(f"index {index_dir}: {data['images']} images, model {data['model']} ({data['dim']}-d)")
+
+
+@main.command()
+@index_option()
+@quiet_option
+@json_option
+def compact(index: Path | None, quiet: bool, as_json: bool) -> None:
+    """Rewrite the FAISS file from the stored embeddings so it covers every write (searches go on meanwhile).
+
+    Writable indexes compact by themselves past a size; run this after many writes, e.g. nightly.
+
+    Examples:
+
+    \b
+      ruclip-index compact --index indexes/app
+      ruclip-index compact --json
+    """
+    from .search import Index
+
+    with Index.open(resolve_index(index), writable=True) as idx:
+        result = idx.compact()
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False, default=str))
+    elif not quiet:
+        click.echo(", ".join(f"{k}: {v}" for k, v in result.items()))
 
 
 # -- search commands (search, similar, classify, dupes) ----------------------------------------------

@@ -51,8 +51,32 @@ THUMB_CACHE_BYTES = 64 * 1024 * 1024
 #: image (a thumbnail up to MAX_PIXELS x 3 bytes, ~537 MB), so this bounds the server's decoding memory.
 DECODE_SLOTS = 2
 
-#: How often a server checks whether a build finished (seconds, on the request path).
+#: How often a server checks whether a build finished (seconds, on the request path); an open Index also
+#: picks up other processes' writes this often.
 REFRESH_INTERVAL = 0.5
+
+#: Photos an `Index.add_many` commits per transaction.
+WRITE_BATCH = 64
+
+#: Photos changed since the FAISS file was written above which a writable Index rewrites it (compaction,
+#: in a background thread); below it they are searched exactly next to the FAISS file.
+SEGMENT_MAX = 50_000
+
+#: Most labels one photo written over HTTP may carry, and most collection/label values one search names.
+MAX_LABELS = 100
+
+#: `watch`: a changed file is indexed once its size and mtime have been still for WATCH_SETTLE seconds (so a
+#: half-written file never is); files settling within WATCH_GATHER seconds of each other share one batch (at
+#: most WATCH_MAX_BATCH paths); a batch that finds the index locked is retried every WATCH_RETRY seconds; the
+#: FAISS file (batches are searchable through the change log without it) is rewritten when the watcher is
+#: idle and the file has missed changes for WATCH_REINDEX seconds; WATCH_WORKERS decoding processes are kept
+#: running.
+WATCH_SETTLE = 0.5
+WATCH_GATHER = 0.3
+WATCH_MAX_BATCH = 1000
+WATCH_RETRY = 1.0
+WATCH_REINDEX = 60.0
+WATCH_WORKERS = 2
 
 #: Where `serve` listens unless told otherwise (loopback only).
 HOST, PORT = "127.0.0.1", 8000

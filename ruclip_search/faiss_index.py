@@ -225,6 +225,15 @@ def _search_params(index: faiss.Index, selector: Any) -> Any:
     return faiss.SearchParameters(sel=selector)
 
 
+def excluding(ids: np.ndarray) -> Any:
+    """An id selector that passes every id except `ids` (deleted or stale vectors), for `search`."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    batch = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+    selector = faiss.IDSelectorNot(batch)
+    selector.referenced_objects = [batch, ids]  # the selectors hold raw pointers: keep both alive with it
+    return selector
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int, id_selector: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores float32 (Q,k), ids int64 (Q,k), -1 where fewer hits) for L2-normalised queries.
 

@@ -32,6 +32,8 @@ class SearchFilters:
     taken_to: datetime | None = None  # EXIF capture time <= this (a bare date was made its last microsecond)
     formats: frozenset[str] | None = None  # PIL format names, upper case: {"JPEG", "PNG", "HEIF"}
     min_score: float | None = None  # drop hits whose cosine similarity is below this
+    collections: frozenset[str] | None = None  # images in any of these collections (validated names)
+    labels: frozenset[str] | None = None  # images with any of these labels (validated names)
 
     @classmethod
     def parse(
@@ -42,12 +44,15 @@ class SearchFilters:
         date_to: DateLike | None = None,
         formats: Iterable[str] | str | None = None,
         min_score: float | None = None,
+        collections: Iterable[str] | str | None = None,
+        labels: Iterable[str] | str | None = None,
     ) -> SearchFilters:
         """Validate and normalise; raises QueryError with what to type instead.
 
         `under` is a folder (absolute, or relative to the current directory); `date_from`/`date_to` are
         dates or date-times (ISO strings accepted; a bare date as `date_to` includes that whole day; aware
-        times are converted to local wall-clock time); `formats` e.g. {"JPEG", "png", "jpg"}.
+        times are converted to local wall-clock time); `formats` e.g. {"JPEG", "png", "jpg"}; `collections`
+        and `labels` are names (any of them matches; see `validate_name`).
         """
         return cls(
             under=_folder(under) if under is not None else None,
@@ -55,6 +60,8 @@ class SearchFilters:
             taken_to=_when(date_to, end=True) if date_to is not None else None,
             formats=_formats(formats) if formats is not None else None,
             min_score=_score(min_score) if min_score is not None else None,
+            collections=_names(collections, "collection") if collections is not None else None,
+            labels=_names(labels, "label") if labels is not None else None,
         )
 
     @property
@@ -64,7 +71,9 @@ class SearchFilters:
             self.under is not None
             or self.taken_from is not None
             or self.taken_to is not None
-            or (self.formats is not None)
+            or self.formats is not None
+            or self.collections is not None
+            or self.labels is not None
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +89,10 @@ class SearchFilters:
             out["formats"] = sorted(self.formats)
         if self.min_score is not None:
             out["min_score"] = self.min_score
+        if self.collections is not None:
+            out["collections"] = sorted(self.collections)
+        if self.labels is not None:
+            out["labels"] = sorted(self.labels)
         return out
 
 
@@ -110,6 +123,53 @@ def _when(value: DateLike, *, end: bool) -> datetime:
     if isinstance(value, date):
         return datetime.combine(value, time.max if end else time.min)
     raise QueryError(f"Bad date {value!r}: give a date, a datetime or an ISO string.")
+
+
+MAX_NAME_LENGTH = 200  # collection and label names
+MAX_KEY_LENGTH = 512  # photo keys (the application's own ids)
+_NAME_FORBIDDEN = frozenset("/'\";%")
+
+
+def _has_control(text: str) -> bool:
+    """True when `text` holds a control character (NUL, newline, DEL, C1 controls...)."""
+    return any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in text)
+
+
+def validate_name(value: Any, what: str = "collection") -> str:
+    """A collection or label name as given, if valid (1-200 characters, no control characters, none of / ' " ; %);
+    else QueryError saying what to use."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_NAME_LENGTH
+        or _has_control(value)
+        or any(ch in _NAME_FORBIDDEN for ch in value)
+    ):
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 60 else repr(value[:60]) + "..."
+        raise QueryError(
+            f"Bad {what} name {shown}: use 1-{MAX_NAME_LENGTH} characters, letters, digits and - _ . : @ "
+            "(no control characters, / ' \" ; or %)."
+        )
+    return value
+
+
+def validate_key(key: Any) -> str:
+    """A photo key as given, if valid (a str of 1-512 characters, no control characters, no /); else QueryError."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH or _has_control(key) or "/" in key:
+        shown = repr(key) if not isinstance(key, str) or len(key) <= 60 else repr(key[:60]) + "..."
+        raise QueryError(
+            f"Bad photo key {shown}: use 1-{MAX_KEY_LENGTH} characters without '/' or control characters "
+            "(e.g. your own id such as 'user42-IMG_0001')."
+        )
+    return key
+
+
+def _names(values: Iterable[str] | str, what: str) -> frozenset[str]:
+    if isinstance(values, str):
+        values = [values]
+    out = frozenset(validate_name(v, what) for v in values)
+    if not out:
+        raise QueryError(f"The {what} filter is empty: name at least one {what}.")
+    return out
 
 
 def _folder(value: str | os.PathLike[str]) -> str:
@@ -144,4 +204,4 @@ def _score(value: float) -> float:
     return score
 
 
-__all__ = ["NO_FILTERS", "SearchFilters", "parse_when"]
+__all__ = ["NO_FILTERS", "SearchFilters", "parse_when", "validate_key", "validate_name"]

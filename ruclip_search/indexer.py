@@ -22,7 +22,7 @@ from . import defaults, faiss_index
 from .errors import ModelMismatchError, RuclipSearchError, StorageError
 from .loader import MAIN_GUARD_HINT, FileMeta, Loaded, _Decoder, hash_file
 from .store import ImageWrite, IndexLock, ScanRow, Store, encode_embedding
-from .walk import walk
+from .walk import walk, walk_paths
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -217,7 +217,7 @@ def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
     """(Re)build the FAISS file from the stored embeddings and switch meta to it atomically."""
     kind = kind or store.get_meta("index_kind") or defaults.INDEX_TYPE
     data_version = store.data_version()
-    ids, vectors = store.all_embeddings()
+    ids, vectors, seq = store.snapshot_embeddings()  # the file covers the changes up to `seq` (faiss_seq)
     if store.dim is None:
         return None
     index, info = faiss_index.build_faiss(vectors, ids, kind)
@@ -231,7 +231,7 @@ def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
     store.set_meta(
         faiss_file=name, index_version=str(version), index_type=info["type"], index_kind=kind,
         recall_at_10=str(info["recall_at_10"]), index_params=json.dumps(info["params"]),
-        faiss_data_version=str(data_version), index_count=str(info["n"]),
+        faiss_data_version=str(data_version), index_count=str(info["n"]), faiss_seq=str(seq),
     )  # fmt: skip
     if old and old != name:
         try:
@@ -295,6 +295,73 @@ def build(
     return report
 
 
+def sync_paths(
+    index: str | os.PathLike[str],
+    roots: Sequence[str | os.PathLike[str]],
+    paths: Iterable[str | os.PathLike[str]],
+    model: Any = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int = 0,
+    exclude: Iterable[str] = (),
+    follow_symlinks: bool = False,
+    max_pixels: int | None = defaults.MAX_PIXELS,
+    write_index: bool | None = None,
+    progress: Progress | None = None,
+    decoder: _Decoder | None = None,
+) -> BuildReport:
+    """Bring the index in step with just `paths` (files or folders under `roots`, as they are now): added,
+    changed, moved (old and new path both given) and deleted files, through build's own diff and commit path.
+
+    Holds the index lock for this call only (IndexLockedError while a build runs: call again later).
+    `write_index`: rewrite a stale FAISS file: True always, None only when that is cheap (a flat index; the
+    first FAISS file of a new index too), False never (the caller compacts later). `decoder`: a started
+    `_Decoder` reused across calls (the watcher keeps one); else `workers` processes (0: decode here).
+    """
+    t0 = time.perf_counter()
+    abs_roots = [os.path.abspath(os.fspath(r)) for r in roots]
+    for root in abs_roots:
+        if not os.path.isdir(root):
+            raise RuclipSearchError(f"No such folder: {root!r}. Check the path (is the drive mounted?) and run again.")
+    scope = _scope(abs_roots, paths)
+    report = BuildReport(index=os.fspath(index))
+    opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, None, progress,
+                    decoder)  # fmt: skip
+    with IndexLock(index, create=True):
+        store = Store.create(index)
+        try:
+            _run(store, report, sorted(scope), opts, scope=scope, write_index=write_index)
+        finally:
+            store.close()
+    report.seconds = round(time.perf_counter() - t0, 3)
+    work = report.added + report.updated + report.moved + report.failed
+    report.images_per_s = round(work / report.seconds, 2) if report.seconds > 0 else 0.0
+    return report
+
+
+def _scope(roots: list[str], paths: Iterable[str | os.PathLike[str]]) -> dict[str, list[str]]:
+    """root -> relpaths of `paths` (each under the deepest root holding it; "" for a root itself)."""
+    scope: dict[str, list[str]] = {}
+    by_depth = sorted(roots, key=len, reverse=True)
+    for p in paths:
+        path = os.path.abspath(os.fspath(p))
+        for root in by_depth:
+            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+                scope.setdefault(root, []).append(os.path.relpath(path, root) if path != root else "")
+                break
+        else:
+            raise RuclipSearchError(f"{path!r} is not under any of the folders {roots}: pass its folder as a root.")
+    return scope
+
+
+def _cheap_faiss(store: Store, index_type: str | None) -> bool:
+    """Whether rewriting the FAISS file is cheap: it is (or `auto` makes it) an exact flat index."""
+    kind = index_type or store.get_meta("index_kind") or defaults.INDEX_TYPE
+    if kind == "flat":
+        return True
+    return kind == "auto" and store.counts()["images"] < faiss_index.FLAT_BELOW
+
+
 def default_batch_size(device: str) -> int:
     """defaults.GPU_BATCH_SIZE images per batch on a GPU, defaults.CPU_BATCH_SIZE on the CPU (where bigger
     batches are no faster and a small one lets encoding start early and overlap with decoding)."""
@@ -316,6 +383,7 @@ class _Options:
     max_pixels: int | None
     index_type: str | None
     progress: Progress | None
+    decoder: _Decoder | None = None  # a started decoder kept across calls (the watcher's); else one per run
 
 
 def _model_name(store: Store, report: BuildReport, model: Any) -> str:
@@ -339,7 +407,16 @@ def _model_name(store: Store, report: BuildReport, model: Any) -> str:
     return requested or stored or defaults.MODEL
 
 
-def _run(store: Store, report: BuildReport, roots: list[str], opts: _Options) -> None:
+def _run(
+    store: Store, report: BuildReport, roots: list[str], opts: _Options, scope: dict[str, list[str]] | None = None,
+    write_index: bool | None = True,
+) -> None:  # fmt: skip
+    """Diff, decode, encode, commit, then bring the FAISS file up to date.
+
+    `scope` (sync_paths): root -> relpaths; only files at or under those are walked and diffed (the rest of
+    the index is left alone). `write_index`: True rewrite a stale FAISS file, None only when cheap (flat),
+    False never.
+    """
     _clean_stale_files(store)
     name = _model_name(store, report, opts.model)
     model = opts.model if opts.model is not None else name
@@ -350,13 +427,24 @@ def _run(store: Store, report: BuildReport, roots: list[str], opts: _Options) ->
 
     # 1. Walk and diff by (size, mtime_ns).
     root_ids = {root: store.root_id(root) for root in roots}
-    state = store.scan_state()
+    if scope is None:
+        state = store.scan_state()
+        entries = walk(roots, exclude=opts.exclude, follow_symlinks=opts.follow_symlinks)
+    else:
+        state = store.scan_state([(root_ids[r], os.fsencode(rel)) for r, rels in scope.items() for rel in rels])
+        entries = (
+            e
+            for r, rels in scope.items()
+            for e in walk_paths(r, rels, exclude=opts.exclude, follow_symlinks=opts.follow_symlinks)
+        )
     seen: set[tuple[int, bytes]] = set()
     jobs: list[_Job] = []
     scanned = 0
-    for entry in walk(roots, exclude=opts.exclude, follow_symlinks=opts.follow_symlinks):
+    for entry in entries:
         rid = root_ids[entry.root]
         key = (rid, os.fsencode(entry.relpath))
+        if key in seen:  # scoped paths may overlap (a folder and a file in it)
+            continue
         seen.add(key)
         scanned += 1
         if progress is not None and scanned % 1000 == 0:
@@ -375,17 +463,17 @@ def _run(store: Store, report: BuildReport, roots: list[str], opts: _Options) ->
     wanted = set(root_ids.values())
     gone = {key: row for key, row in state.items() if key[0] in wanted and key not in seen}
 
-    to_decode = _apply_known_content(store, report, state, jobs, gone) if jobs or gone else []
+    to_decode = _apply_known_content(store, report, state, jobs, gone, scope is not None) if jobs or gone else []
 
     # 4. Decode ahead in worker processes, encode in batches, commit per batch.
     if to_decode:
         batch_size = opts.batch_size if opts.batch_size is not None else default_batch_size(opts.device)
         b = _Build(store, report, model, name, opts.device, batch_size, progress)
         b.total = len(to_decode)
-        decoder = _Decoder(None, opts.max_pixels, opts.workers, ahead=b.batch_size)
+        decoder = opts.decoder or _Decoder(None, opts.max_pixels, opts.workers, ahead=b.batch_size)
         decoder.prestart()  # worker processes boot while the model loads
         decoder.pre = b.preprocessor()
-        threads = _share_cpus(b.model, opts.workers)
+        threads = _share_cpus(b.model, decoder.workers)
         try:
             for job, result in decoder.run(to_decode):
                 b.add(job, result)
@@ -395,7 +483,8 @@ def _run(store: Store, report: BuildReport, roots: list[str], opts: _Options) ->
                 torch.set_num_threads(threads)
             b.flush()
         finally:
-            decoder.close()
+            if opts.decoder is None:
+                decoder.close()
             if threads:
                 import torch
 
@@ -404,7 +493,9 @@ def _run(store: Store, report: BuildReport, roots: list[str], opts: _Options) ->
     # 5. FAISS file, when the data changed since it was written (also after a crash at any point).
     faiss_file = store.faiss_path()
     stale = store.get_meta("faiss_data_version") != str(store.data_version())
-    if stale or faiss_file is None or not faiss_file.exists() or index_type is not None:
+    missing = faiss_file is None or not faiss_file.exists()
+    wanted_now = write_index is True or (write_index is None and (missing or _cheap_faiss(store, index_type)))
+    if (stale or missing or index_type is not None) and wanted_now:
         if progress is not None:
             progress("index", 0, 1)
         write_faiss(store, index_type)
@@ -476,18 +567,21 @@ def _switch(live: Store, staged: Store) -> None:
 
 def _apply_known_content(
     store: Store, report: BuildReport, state: dict[tuple[int, bytes], ScanRow], jobs: list[_Job],
-    gone: dict[tuple[int, bytes], ScanRow],
+    gone: dict[tuple[int, bytes], ScanRow], partial: bool = False,
 ) -> list[_Job]:  # fmt: skip
     """One transaction: touches, moves and duplicates (by content hash, no model run) and deletions.
 
     Content is hashed here only where a stored embedding could match (same size); returns files to decode.
+    `partial` (sync_paths: `state` holds only the synced paths): every file is hashed, and a new file is also
+    a move from any stored file of the same content that no longer exists on disk (the watcher may see the
+    two ends of a move in different batches).
     """
     sizes = {row.size for row in state.values() if row.has_embedding}
     gone_by_hash = {row.content_hash: key for key, row in gone.items() if row.has_embedding and row.content_hash}
     to_decode: list[_Job] = []
     with store.transaction() as conn:
         for job in jobs:
-            if job.size in sizes:
+            if partial or job.size in sizes:
                 job.content_hash = hash_file(job.path)
             digest = job.content_hash
             old = state.get((job.root_id, job.relpath))
@@ -497,6 +591,11 @@ def _apply_known_content(
             elif digest is not None and job.row_id is None and digest in gone_by_hash:
                 moved = gone.pop(gone_by_hash.pop(digest))
                 store.move(conn, moved.id, job.root_id, job.relpath, job.size, job.mtime_ns)
+                report.moved += 1
+            elif (
+                digest is not None and job.row_id is None and partial and (src := _vanished(store, conn, digest, gone))
+            ):
+                store.move(conn, src, job.root_id, job.relpath, job.size, job.mtime_ns)
                 report.moved += 1
             elif digest is not None and (known := store.content_by_hash(conn, digest)) is not None:
                 row = ImageWrite(
@@ -515,6 +614,16 @@ def _apply_known_content(
         store.delete_images(conn, [row.id for row in gone.values()])
         report.removed = len(gone)
     return to_decode
+
+
+def _vanished(store: Store, conn: Any, digest: bytes, gone: dict[tuple[int, bytes], ScanRow]) -> int | None:
+    """Id of a stored file with this content whose file is gone from disk (and not deleted in this batch)."""
+    deleting = {row.id for row in gone.values()}
+    roots = store.roots()
+    for image_id, root_id, relpath in store.files_by_hash(conn, digest):
+        if image_id not in deleting and not os.path.lexists(os.path.join(os.fsencode(roots[root_id]), relpath)):
+            return image_id
+    return None
 
 
 def reindex(index: str | os.PathLike[str], kind: str = defaults.INDEX_TYPE) -> dict[str, Any]:

@@ -1,14 +1,25 @@
-"""`Index`: query an index built by `ruclip_search.build` with Russian text, images or both.
+"""`Index`: query an index built by `ruclip_search.build` with Russian text, images or both, and add,
+replace and remove photos by key while it serves.
 
 Opening loads only what text search needs (text tower, memory-mapped FAISS file); the image tower is loaded
 on the first image query and metadata is read from SQLite per result. `refresh()` hot-swaps a rebuilt index,
 its model included. Filters are one `SearchFilters` value; the store turns it into SQL.
+
+Freshness is LSM-style: the FAISS file covers the store's changes up to its `faiss_seq`; every id changed
+since then is a *tombstone* (the FAISS file's vector for it is stale or gone), and those that still exist
+form a *recent segment* searched exactly. A search merges both. The segment follows the store's change log:
+at once after this Index's own writes, within `defaults.REFRESH_INTERVAL` for other processes' writes and
+folder builds. `compact()` rewrites the FAISS file and empties the segment (a writable Index does it in the
+background once the segment exceeds `defaults.SEGMENT_MAX`).
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -22,8 +33,8 @@ from PIL import Image
 
 from . import defaults, faiss_index
 from .errors import IndexNotFoundError, ModelMismatchError, QueryError, RuclipSearchError, StorageError
-from .filters import NO_FILTERS, SearchFilters
-from .store import ImageRecord, Store
+from .filters import NO_FILTERS, SearchFilters, parse_when, validate_key, validate_name
+from .store import ImageRecord, IndexLock, PhotoWrite, Store, encode_embedding
 
 if TYPE_CHECKING:
     from .encoder import ModelCache
@@ -37,8 +48,12 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "фото с {}",
     "на фото видно {}",
 )
+log = logging.getLogger(__name__)
+
 EXACT_FALLBACK_MAX = 200_000  # filtered ANN search that misses hits is redone exactly below this many ids
 TEXT_CACHE_SIZE = defaults.TEXT_CACHE_SIZE  # text query embeddings kept per loaded model
+TOMBSTONE_SELECTOR_MIN = 256  # above this many tombstones the FAISS search excludes them by an id selector
+ADD_FIELDS = frozenset({"key", "image", "embedding", "collection", "labels", "taken_at"})
 
 ImageLike = Image.Image | bytes | os.PathLike
 Term = str | ImageLike | tuple[Any, float]
@@ -56,6 +71,9 @@ class Hit:
     height: int | None = None
     taken_at: datetime | None = None
     format: str | None = None
+    key: str | None = None  # the application's id of a photo added by key (None for folder-built ones)
+    collection: str | None = None
+    labels: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (taken_at as an ISO string)."""
@@ -67,6 +85,9 @@ class Hit:
             "height": self.height,
             "taken_at": self.taken_at.isoformat() if self.taken_at else None,
             "format": self.format,
+            "key": self.key,
+            "collection": self.collection,
+            "labels": list(self.labels),
         }
 
 
@@ -81,7 +102,7 @@ def _parse_taken(value: str | None) -> datetime | None:
 
 def _hit(record: ImageRecord, score: float) -> Hit:
     return Hit(record.id, record.path, float(score), record.width, record.height, _parse_taken(record.taken_at),
-               record.format)  # fmt: skip
+               record.format, record.key, record.collection, tuple(record.labels))  # fmt: skip
 
 
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -188,6 +209,50 @@ def find_duplicates(store: Store, threshold: float = defaults.DUPLICATE_THRESHOL
     return sorted((g for g in out if len(g) > 1), key=lambda g: g[0])
 
 
+def _embedding(value: Any, dim: int, key: str) -> np.ndarray:
+    """A given embedding as an L2-normalised float32 (dim,) vector; QueryError for a wrong size or values."""
+    try:
+        vec = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise QueryError(f"Photo {key!r}: the embedding must be a list or array of {dim} numbers.") from None
+    if vec.ndim == 2 and vec.shape[0] == 1:
+        vec = vec[0]
+    if vec.ndim != 1 or vec.shape[0] != dim:
+        raise QueryError(
+            f"Photo {key!r}: the embedding has shape {tuple(vec.shape)} but this index holds {dim}-d embeddings: "
+            "give one vector made by the index's model."
+        )
+    if not np.all(np.isfinite(vec)):
+        raise QueryError(f"Photo {key!r}: the embedding holds NaN or infinite values.")
+    norm = float(np.linalg.norm(vec))
+    if norm < 1e-12:
+        raise QueryError(f"Photo {key!r}: the embedding is all zeros.")
+    return vec / norm
+
+
+def _image_bytes(image: Any, key: str) -> bytes | None:
+    """The encoded bytes of an image given as bytes or a path (read now); None for a PIL image."""
+    if isinstance(image, Image.Image):
+        return None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise QueryError(f"Photo {key!r}: no such image file {os.fspath(image)!r}.")
+        try:
+            with open(image, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise QueryError(f"Photo {key!r}: cannot read {os.fspath(image)!r}: {e.strerror or e}.") from e
+    else:
+        raise QueryError(
+            f"Photo {key!r}: image must be encoded bytes, a path or a PIL image, not {type(image).__name__}."
+        )
+    if not data:
+        raise QueryError(f"Photo {key!r}: the image is empty (0 bytes).")
+    return data
+
+
 def _load_model(name: str | os.PathLike[str], parts: tuple[str, ...], device: str, models: ModelCache | None) -> Any:
     """One tower (or both) of a model: from the shared cache when there is one, else loaded for this index."""
     if models is not None:
@@ -234,6 +299,79 @@ class _Towers:
         return vec
 
 
+class _Rows:
+    """Append-only row storage shared by the successive snapshots of one segment: rows below a snapshot's
+    length are never written again, so a search keeps reading its snapshot while writes append."""
+
+    def __init__(self, dim: int, capacity: int = 1024) -> None:
+        self.ids = np.zeros(capacity, dtype=np.int64)
+        self.vecs = np.zeros((capacity, dim), dtype=np.float32)
+        self.n = 0
+
+    def append(self, ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add rows; returns (ids, vecs) views of every row so far (the new snapshot's)."""
+        m = len(ids)
+        if self.n + m > len(self.ids):  # grow into new arrays: older snapshots keep viewing the old ones
+            capacity = max(2 * len(self.ids), self.n + m)
+            grown_ids = np.zeros(capacity, dtype=np.int64)
+            grown_vecs = np.zeros((capacity, self.vecs.shape[1]), dtype=np.float32)
+            grown_ids[: self.n], grown_vecs[: self.n] = self.ids[: self.n], self.vecs[: self.n]
+            self.ids, self.vecs = grown_ids, grown_vecs
+        self.ids[self.n : self.n + m], self.vecs[self.n : self.n + m] = ids, vecs
+        self.n += m
+        return self.ids[: self.n], self.vecs[: self.n]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Everything changed since the FAISS file was written: the current vectors of those ids (searched
+    exactly) and the tombstones (ids whose FAISS vector must not be returned). Immutable snapshot."""
+
+    seq: int  # the last change (store seq) applied
+    ids: np.ndarray  # int64 (n,): one row per applied write; a replaced or deleted id's older rows are dead
+    vecs: np.ndarray  # float32 (n, dim)
+    live: np.ndarray  # bool (n,)
+    tombs: np.ndarray  # sorted int64: every id changed since the FAISS file's seq
+    rows: _Rows
+
+    @classmethod
+    def empty(cls, seq: int, dim: int) -> _Segment:
+        rows = _Rows(dim)
+        return cls(seq, rows.ids[:0], rows.vecs[:0], np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64), rows)
+
+    @property
+    def size(self) -> int:
+        """Ids changed since the FAISS file (what compaction folds into it)."""
+        return len(self.tombs)
+
+    def apply(self, ids: np.ndarray, vecs: np.ndarray, gone: np.ndarray, seq: int) -> _Segment:
+        """A new snapshot with `ids` now holding `vecs` and `gone` deleted (only the latest snapshot may apply)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        touched = np.union1d(ids, np.asarray(gone, dtype=np.int64))
+        live = self.live.copy()
+        if len(touched) and len(self.ids):
+            live[np.isin(self.ids, touched)] = False
+        all_ids, all_vecs = self.rows.append(ids, vecs) if len(ids) else (self.ids, self.vecs)
+        live = np.concatenate([live, np.ones(len(ids), dtype=bool)])
+        return _Segment(max(seq, self.seq), all_ids, all_vecs, live, np.union1d(self.tombs, touched), self.rows)
+
+    def search(self, query: np.ndarray, want: int, allowed: np.ndarray | None,
+               exclude: set[int]) -> list[tuple[int, float]]:  # fmt: skip
+        """Exact top-`want` (id, score) among the live rows passing the filter."""
+        keep = self.live
+        if allowed is not None and len(self.ids):
+            keep = keep & np.isin(self.ids, allowed)
+        if exclude and len(self.ids):
+            keep = keep & ~np.isin(self.ids, list(exclude))
+        rows = np.flatnonzero(keep)
+        if len(rows) == 0:
+            return []
+        ids = self.ids[rows]
+        scores = _matmul(self.vecs[rows], query[0]) if len(rows) > 64 else self.vecs[rows] @ query[0]
+        order = np.lexsort((ids, -scores))[:want]
+        return [(int(ids[j]), float(scores[j])) for j in order]
+
+
 @dataclass(frozen=True)
 class _State:
     """What one index version consists of, models included; swapped as a whole by `refresh`, so a search
@@ -247,6 +385,8 @@ class _State:
     dim: int | None  # the dimension meta records for this version
     towers: _Towers | None = None  # attached by open/refresh
     error: str | None = None  # why this index cannot be searched now (refresh met a model it cannot use)
+    faiss_seq: int = 0  # the last store change the FAISS file covers
+    segment: _Segment | None = None  # what changed since (attached by _load_state)
 
 
 def _check_dim(state: _State, towers: _Towers, where: str) -> None:
@@ -259,12 +399,26 @@ def _check_dim(state: _State, towers: _Towers, where: str) -> None:
         )
 
 
+def _caught_up(store: Store, segment: _Segment) -> _Segment | None:
+    """`segment` with the store's changes after its seq applied; None when a changed row changed again
+    between reading the change log and reading its embedding (the caller tries again)."""
+    ids, gone, seq = store.changes_since(segment.seq)
+    if seq <= segment.seq and not len(ids) and not len(gone):
+        return segment
+    try:
+        vecs = store.get_embeddings(ids.tolist()) if len(ids) else np.zeros((0, segment.vecs.shape[1]), np.float32)
+    except KeyError:
+        return None
+    return segment.apply(ids, vecs, gone, seq)
+
+
 class Index:
-    """A built index opened for searching. Thread-safe for concurrent searches; see the module docstring."""
+    """An index opened for searching (and, opened writable, for adding photos by key). Thread-safe for
+    concurrent searches and writes; see the module docstring."""
 
     def __init__(
         self, store: Store, state: _State, *, device: str = "auto", models: ModelCache | None = None,
-        pinned: str | None = None,
+        pinned: str | None = None, writable: bool = False,
     ) -> None:  # fmt: skip
         self.store = store
         self._state = state
@@ -272,6 +426,51 @@ class Index:
         self._models = models
         self._pinned = pinned  # the model the caller insisted on (open's model=), if any
         self._refresh_lock = threading.Lock()
+        self.writable = writable
+        self._checked = time.monotonic()  # when the store's change log was last looked at
+        self._compactor: threading.Thread | None = None
+        self.compact_error: str | None = None  # why the last background compaction failed, if it did
+
+    @classmethod
+    def create(
+        cls,
+        index_dir: str | os.PathLike[str],
+        model: Any = defaults.MODEL,
+        device: str = "auto",
+        models: ModelCache | None = None,
+    ) -> Index:
+        """An empty index bound to `model` (name, folder or loaded RuCLIP), opened writable, to add photos to.
+
+        A folder that already holds an index with the same model is opened writable as it is; one with
+        another model raises ModelMismatchError.
+        """
+        from .indexer import model_key, write_faiss
+
+        name = model_key(model)
+        index_dir = Path(index_dir)
+        text_model = None
+        with IndexLock(index_dir, create=True):
+            store = Store.create(index_dir)
+            try:
+                stored = store.model_name
+                if stored and stored != name:
+                    raise ModelMismatchError(
+                        f"{str(index_dir)!r} already holds an index built with model {stored!r}, not {name!r}: "
+                        "open it with Index.open, or create the new index in another folder."
+                    )
+                path = store.faiss_path()
+                if not stored or path is None or not path.exists():
+                    text_model = model if not isinstance(model, (str, os.PathLike)) else None
+                    text_model = text_model or _load_model(model, ("text",), device, models)
+                    with store.transaction() as conn:
+                        store.set_model(conn, name, int(text_model.dim))
+                    write_faiss(store)  # an empty FAISS file, so that readers can open the index
+            finally:
+                store.close()
+        pinned = model if not isinstance(model, (str, os.PathLike)) else None
+        if text_model is not None and pinned is None:
+            return cls._open(index_dir, writable=True, device=device, models=models, text_model=(name, text_model))
+        return cls.open(index_dir, writable=True, model=pinned, device=device, models=models)
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -279,16 +478,25 @@ class Index:
         cls,
         index_dir: str | os.PathLike[str],
         *,
+        writable: bool = False,
         model: Any = None,
         device: str = "auto",
         models: ModelCache | None = None,
     ) -> Index:
         """Open an index: the text tower of its model, its FAISS file memory-mapped, the metadata database.
 
-        `model`: None (the index's own model, followed across rebuilds by `refresh`), a name or folder, or an
-        already loaded RuCLIP (both pin the model: `refresh` then refuses an index rebuilt with another one).
-        `models`: a ModelCache to take towers from, so that several indexes share one loaded model.
+        `writable`: allow add/remove/compact (else they raise QueryError). `model`: None (the index's own
+        model, followed across rebuilds by `refresh`), a name or folder, or an already loaded RuCLIP (both
+        pin the model: `refresh` then refuses an index rebuilt with another one). `models`: a ModelCache to
+        take towers from, so that several indexes share one loaded model.
         """
+        return cls._open(index_dir, writable=writable, model=model, device=device, models=models)
+
+    @classmethod
+    def _open(
+        cls, index_dir: str | os.PathLike[str], *, writable: bool, model: Any = None, device: str = "auto",
+        models: ModelCache | None = None, text_model: tuple[str, Any] | None = None,
+    ) -> Index:  # fmt: skip
         from .registry import model_key
 
         index_dir = Path(index_dir)
@@ -297,12 +505,14 @@ class Index:
                 f"No index at {os.fspath(index_dir)!r}: build one with `ruclip-index build PHOTOS_DIR`, "
                 "or pass the folder of an existing one with --index."
             )
-        store = Store.open(index_dir, readonly=True)
+        store = Store.open(index_dir, readonly=not writable)
         try:
             state = cls._load_state(store)
             stored = state.model_name
             pinned = None
-            if model is None:
+            if text_model is not None:  # create() loaded the index's own model already
+                name, text_model = text_model
+            elif model is None:
                 if not stored:
                     raise IndexNotFoundError(f"Index {str(index_dir)!r} has no model recorded: build it first.")
                 name = stored
@@ -323,7 +533,8 @@ class Index:
         except BaseException:
             store.close()
             raise
-        return cls(store, replace(state, towers=towers), device=device, models=models, pinned=pinned)
+        return cls(store, replace(state, towers=towers), device=device, models=models, pinned=pinned,
+                   writable=writable)  # fmt: skip
 
     @staticmethod
     def _load_state(store: Store, attempts: int = 5) -> _State:
@@ -347,14 +558,23 @@ class Index:
                 raise StorageError(
                     f"The FAISS file {str(store.dir / name)!r} is corrupt: rebuild it with `ruclip-index reindex`."
                 ) from None
+            faiss_seq = int(meta.get("faiss_seq") or 0)
+            segment = _caught_up(store, _Segment.empty(faiss_seq, int(index.d)))
+            if segment is None:
+                continue  # rows changed between reading the change log and their embeddings
             return _State(
                 index, int(meta.get("index_version", "0") or 0), int(index.ntotal), meta.get("index_type"),
                 meta.get("model") or None, int(meta["dim"]) if meta.get("dim") else None,
+                faiss_seq=faiss_seq, segment=segment,
             )  # fmt: skip
         raise StorageError(f"Index {str(store.dir)!r} keeps changing while being opened: try again.")
 
     def close(self) -> None:
-        """Release the database connections (the models and FAISS index go with the object)."""
+        """Wait for a background compaction, release the database connections (the models and FAISS index go
+        with the object)."""
+        compactor = self._compactor
+        if compactor is not None:
+            compactor.join()
         self.store.close()
 
     def __enter__(self) -> Index:
@@ -373,12 +593,45 @@ class Index:
         return towers
 
     def _live_state(self) -> _State:
-        """The state to search with; ModelMismatchError while the index is built with a model we cannot use
-        (searching the old FAISS file against the rebuilt database would give wrong results)."""
+        """The state to search with, caught up with the store at most every REFRESH_INTERVAL; ModelMismatchError
+        while the index is built with a model we cannot use (searching the old FAISS file against the rebuilt
+        database would give wrong results)."""
+        if time.monotonic() - self._checked >= defaults.REFRESH_INTERVAL:
+            try:
+                self._catch_up()
+            except RuclipSearchError:  # e.g. a build is mid-way: keep the state we have (refresh tells why)
+                log.debug("index %s: catching up failed", self.store.dir, exc_info=True)
         state = self._state
         if state.error is not None:
             raise ModelMismatchError(state.error)
         return state
+
+    def _catch_up(self, *, wait: bool = False) -> None:
+        """Swap in a new FAISS file if one was written, else extend the segment with the store's new changes.
+
+        `wait`: after this Index's own write (it must be visible on return); else a search skips the check
+        when another thread is doing it.
+        """
+        if not self._refresh_lock.acquire(blocking=wait):
+            return
+        try:
+            self._checked = time.monotonic()
+            if self.store.index_version() != self._state.version:
+                self._refresh_locked()
+                return
+            state = self._state
+            segment = state.segment
+            assert segment is not None
+            if self.store.max_seq() <= segment.seq:
+                return
+            for _ in range(5):
+                newer = _caught_up(self.store, segment)
+                if newer is not None:
+                    self._state = replace(state, segment=newer)
+                    break
+        finally:
+            self._refresh_lock.release()
+        self._maybe_compact()
 
     @property
     def version(self) -> int:
@@ -412,33 +665,37 @@ class Index:
         if self.store.index_version() == self._state.version:
             return False
         with self._refresh_lock:
-            old = self._state
-            if self.store.index_version() == old.version:
-                return False
-            state = self._load_state(self.store)
-            towers = self._towers(old)
-            if (state.model_name and state.model_name != towers.name) or (state.dim and state.dim != towers.dim):
-                name = state.model_name or towers.name
-                if self._pinned is not None:
-                    message = (
-                        f"Index {str(self.store.dir)!r} was rebuilt with model {name!r}, but it was opened "
-                        f"with {self._pinned!r}: open it again without a model to follow the index's own."
-                    )
-                    # this version can never be served here: remember it, so refresh does not retry it
-                    self._state = replace(old, version=state.version, error=message)
-                    raise ModelMismatchError(message)
-                try:
-                    towers = _Towers(name, _load_model(name, ("text",), self._device, self._models), self._device,
-                                     self._models)  # fmt: skip
-                except RuclipSearchError as e:  # e.g. the model folder is gone: retried by the next refresh
-                    self._state = replace(old, error=f"Cannot load model {name!r} of the rebuilt index: {e}")
-                    raise
+            return self._refresh_locked()
+
+    def _refresh_locked(self) -> bool:
+        """`refresh` under the refresh lock."""
+        old = self._state
+        if self.store.index_version() == old.version:
+            return False
+        state = self._load_state(self.store)
+        towers = self._towers(old)
+        if (state.model_name and state.model_name != towers.name) or (state.dim and state.dim != towers.dim):
+            name = state.model_name or towers.name
+            if self._pinned is not None:
+                message = (
+                    f"Index {str(self.store.dir)!r} was rebuilt with model {name!r}, but it was opened "
+                    f"with {self._pinned!r}: open it again without a model to follow the index's own."
+                )
+                # this version can never be served here: remember it, so refresh does not retry it
+                self._state = replace(old, version=state.version, error=message)
+                raise ModelMismatchError(message)
             try:
-                _check_dim(state, towers, str(self.store.dir))
-            except ModelMismatchError as e:
-                self._state = replace(old, error=str(e))
+                towers = _Towers(name, _load_model(name, ("text",), self._device, self._models), self._device,
+                                 self._models)  # fmt: skip
+            except RuclipSearchError as e:  # e.g. the model folder is gone: retried by the next refresh
+                self._state = replace(old, error=f"Cannot load model {name!r} of the rebuilt index: {e}")
                 raise
-            self._state = replace(state, towers=towers)
+        try:
+            _check_dim(state, towers, str(self.store.dir))
+        except ModelMismatchError as e:
+            self._state = replace(old, error=str(e))
+            raise
+        self._state = replace(state, towers=towers)
         return True
 
     def info(self) -> dict[str, Any]:
@@ -451,6 +708,10 @@ class Index:
             loaded_model=self._towers(state).name,
             image_tower_loaded=self._towers(state).image is not None,
             error=state.error,
+            writable=self.writable,
+            faiss_seq=state.faiss_seq,
+            segment_seq=state.segment.seq if state.segment is not None else state.faiss_seq,
+            segment_size=state.segment.size if state.segment is not None else 0,
         )
         return data
 
@@ -566,11 +827,13 @@ class Index:
         if exclude and allowed is not None:
             allowed = allowed[~np.isin(allowed, list(exclude))]
         want = int(k) + int(offset)
-        fetch = want + (len(exclude) if allowed is None else 0)
         if allowed is not None and len(allowed) == 0:
             return []
-        scores, ids = faiss_index.search(state.faiss, query, fetch, allowed)
-        pairs = [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0 and i not in exclude]
+        segment = state.segment
+        assert segment is not None
+        pairs = self._search_main(state.faiss, segment.tombs, query, want, allowed, exclude)
+        if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)
+            pairs = sorted(pairs + segment.search(query, want, allowed, exclude), key=lambda p: (-p[1], p[0]))
         pool = len(allowed) if allowed is not None else state.count - len(exclude)
         if len(pairs) < min(want, pool) and allowed is not None and len(allowed) <= EXACT_FALLBACK_MAX:
             pairs = self._exact(query, allowed, want)  # ANN probing missed some: be exact on the subset
@@ -579,6 +842,37 @@ class Index:
             pairs = [(i, s) for i, s in pairs if s >= filters.min_score]
         records = self.store.get_images([i for i, _ in pairs])
         return [_hit(records[i], s) for i, s in pairs if i in records]
+
+    @staticmethod
+    def _search_main(
+        index: Any, tombs: np.ndarray, query: np.ndarray, want: int, allowed: np.ndarray | None, exclude: set[int]
+    ) -> list[tuple[int, float]]:
+        """Top-`want` (id, score) of the FAISS file, never a tombstoned (stale or deleted) or excluded id."""
+        if allowed is not None:
+            if len(tombs):
+                allowed = allowed[~np.isin(allowed, tombs)]
+            if len(allowed) == 0 or index.ntotal == 0:
+                return []
+            scores, ids = faiss_index.search(index, query, want, allowed)
+        elif index.ntotal == 0:
+            return []
+        elif len(tombs) + len(exclude) <= TOMBSTONE_SELECTOR_MIN:
+            # a few tombstones: ask for that many more results and drop them (no selector: a plain search)
+            scores, ids = faiss_index.search(index, query, want + len(tombs) + len(exclude))
+        else:
+            skip = np.union1d(tombs, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
+            scores, ids = faiss_index.search(index, query, want, faiss_index.excluding(skip))
+        dead = set(tombs.tolist()) if len(tombs) <= TOMBSTONE_SELECTOR_MIN else None
+        pairs = []
+        for s, i in zip(scores[0], ids[0], strict=True):
+            i = int(i)
+            if i < 0 or i in exclude or (dead is not None and i in dead):
+                continue
+            pairs.append((i, float(s)))
+        if dead is None and pairs:  # the selector already excluded them; filtered searches check here
+            keep = ~np.isin(np.array([p[0] for p in pairs], dtype=np.int64), tombs)
+            pairs = [p for p, ok in zip(pairs, keep, strict=True) if ok]
+        return pairs[:want]
 
     def _exact(self, query: np.ndarray, allowed: np.ndarray, want: int) -> list[tuple[int, float]]:
         vecs = self.store.get_embeddings(allowed.tolist())
@@ -644,6 +938,167 @@ class Index:
             raise QueryError(f"Image {image_id} has no embedding (it failed to decode when indexed).") from None
         return self._search_vector(state, _normalise(vec), k, offset, f, exclude=(image_id,))
 
+    # -- writing (opened writable) --------------------------------------------------------------------
+    def _need_writable(self) -> None:
+        if not self.writable:
+            raise QueryError(
+                f"Index {str(self.store.dir)!r} is open read-only: open the index with writable=True to add, "
+                "replace or remove photos."
+            )
+
+    def add(
+        self,
+        key: str,
+        image: ImageLike | str | None = None,
+        embedding: np.ndarray | Sequence[float] | None = None,
+        collection: str | None = None,
+        labels: Iterable[str] = (),
+        taken_at: Any = None,
+    ) -> Hit:
+        """Add the photo `key`, or replace the one with that key (keeping its id); searchable on return.
+
+        Exactly one of `image` (encoded bytes, a path or a PIL image: encoded with the index's image tower,
+        metadata from its EXIF) and `embedding` (a vector of the index's dimension; normalised here).
+        `taken_at` (date, datetime or ISO text) overrides the EXIF capture time.
+        """
+        item = {"key": key, "image": image, "embedding": embedding, "collection": collection, "labels": labels,
+                "taken_at": taken_at}  # fmt: skip
+        return self.add_many([item])[0]
+
+    def add_many(self, items: Iterable[dict[str, Any]]) -> list[Hit]:
+        """`add` for many photos (dicts of add's arguments), committed in transactions of defaults.WRITE_BATCH.
+
+        A bad item raises QueryError before its batch is written; the batches before it stay written.
+        """
+        self._need_writable()
+        hits: list[Hit] = []
+        batch: list[dict[str, Any]] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) >= defaults.WRITE_BATCH:
+                hits += self._write_batch(batch)
+                batch = []
+        if batch:
+            hits += self._write_batch(batch)
+        return hits
+
+    def _write_batch(self, items: list[dict[str, Any]]) -> list[Hit]:
+        state = self._live_state()
+        writes = [self._photo_write(item, state) for item in items]
+        self._encode_pending(writes, state)
+        ids = self.store.put_photos([w for w, _ in writes])
+        self._catch_up(wait=True)  # visible to this process's searches on return
+        records = self.store.get_images(ids)
+        return [_hit(records[i], 0.0) for i in ids if i in records]
+
+    def _photo_write(self, item: dict[str, Any], state: _State) -> tuple[PhotoWrite, Any]:
+        """A validated PhotoWrite (embedding still empty for an image) and the pixels to encode, if any."""
+        if not isinstance(item, dict):
+            raise QueryError(f"Each photo to add is a dict of add()'s arguments, got {type(item).__name__}.")
+        unknown = sorted(set(item) - ADD_FIELDS)
+        if unknown:
+            raise QueryError(f"Unknown photo field(s) {', '.join(unknown)}: use {', '.join(sorted(ADD_FIELDS))}.")
+        key = validate_key(item.get("key"))
+        collection = item.get("collection")
+        if collection is not None:
+            collection = validate_name(collection, "collection")
+        labels = item.get("labels") or ()
+        labels = tuple(sorted({validate_name(v, "label") for v in ([labels] if isinstance(labels, str) else labels)}))
+        taken = item.get("taken_at")
+        taken = parse_when(taken).isoformat() if taken is not None else None
+        image, embedding = item.get("image"), item.get("embedding")
+        if (image is None) == (embedding is None):
+            raise QueryError(f"Photo {key!r}: give exactly one of image= (bytes, path or PIL image) and embedding=.")
+        dim = self._towers(state).dim
+        from .loader import FileMeta, file_hash
+
+        if embedding is not None:
+            vec = _embedding(embedding, dim, key)
+            write = PhotoWrite(key, encode_embedding(vec), meta=FileMeta(taken_at=taken), collection=collection,
+                               labels=labels)  # fmt: skip
+            return write, None
+        data = _image_bytes(image, key)
+        source: Any = io.BytesIO(data) if data is not None else image
+        model = self._towers(state).image_model()
+        try:
+            pixels, info = model.preprocessor.load_with_info(source, max_pixels=defaults.MAX_PIXELS)
+        except RuclipSearchError as e:
+            raise QueryError(f"Cannot add photo {key!r}: {e}") from e
+        stamp = info.get("taken_at")
+        meta = FileMeta(
+            width=info.get("width"), height=info.get("height"), format=info.get("format"),
+            taken_at=taken or (stamp.isoformat() if hasattr(stamp, "isoformat") else stamp),
+            camera_make=info.get("camera_make"), camera_model=info.get("camera_model"),
+        )  # fmt: skip
+        digest = file_hash(data) if data is not None else None
+        write = PhotoWrite(key, b"", content_hash=digest, meta=meta, collection=collection, labels=labels,
+                           size=len(data) if data is not None else None)  # fmt: skip
+        return write, pixels
+
+    def _encode_pending(self, writes: list[tuple[PhotoWrite, Any]], state: _State) -> None:
+        """Encode the images of a batch in one model call and put their embeddings into the writes."""
+        pending = [i for i, (_, pixels) in enumerate(writes) if pixels is not None]
+        if not pending:
+            return
+        import torch
+
+        vectors = self._towers(state).image_model().encode_pixels(torch.stack([writes[i][1] for i in pending]))
+        for i, vec in zip(pending, vectors, strict=True):
+            writes[i] = (replace(writes[i][0], embedding=encode_embedding(vec)), None)
+
+    def remove(self, key: str) -> bool:
+        """Remove the photo `key`; True if it was there. Gone from this process's searches on return."""
+        return self.remove_many([key]) > 0
+
+    def remove_many(self, keys: Iterable[str]) -> int:
+        """Remove photos by key in one transaction; returns how many were there (absent keys are ignored)."""
+        self._need_writable()
+        keys = [validate_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
+        if not keys:
+            return 0
+        ids = self.store.delete_keys(keys)
+        self._catch_up(wait=True)
+        return len(ids)
+
+    def compact(self) -> dict[str, Any]:
+        """Rewrite the FAISS file from the store (under the index lock) and empty the segment; returns the
+        new file's info plus `seconds` and `folded` (the segment's size before). Raises IndexLockedError while
+        a build runs (the build rewrites the FAISS file itself when it ends)."""
+        from .indexer import write_faiss
+
+        self._need_writable()
+        t0 = time.perf_counter()
+        state = self._live_state()
+        folded = state.segment.size if state.segment is not None else 0
+        with IndexLock(self.store.dir):
+            info = write_faiss(self.store)
+        if info is None:
+            raise QueryError(f"Index {str(self.store.dir)!r} has no model recorded yet: create it first.")
+        with self._refresh_lock:
+            self._checked = time.monotonic()
+            self._refresh_locked()
+        return {**info, "folded": folded, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def _maybe_compact(self) -> None:
+        """Start a background compaction when the segment has grown past defaults.SEGMENT_MAX (writable only)."""
+        segment = self._state.segment
+        if not self.writable or segment is None or segment.size <= defaults.SEGMENT_MAX:
+            return
+        with self._refresh_lock:
+            if self._compactor is not None and self._compactor.is_alive():
+                return
+            self._compactor = threading.Thread(target=self._compact_in_background, name="ruclip-compact",
+                                               daemon=True)  # fmt: skip
+            self._compactor.start()
+
+    def _compact_in_background(self) -> None:
+        try:
+            self.compact()
+            self.compact_error = None
+        except Exception as e:  # a build holds the lock, the disk is full...: the next write tries again
+            self.compact_error = f"{type(e).__name__}: {e}"
+            log.warning("index %s: background compaction failed: %s", self.store.dir, e)
+
     # -- whole-collection tasks ----------------------------------------------------------------------
     def classify(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> list[tuple[str, str, float]]:
         """(path, best label, cosine score) for every indexed image, by zero-shot prompt templates."""
@@ -661,9 +1116,12 @@ class Index:
         return find_duplicates(self.store, threshold)
 
     # -- metadata ------------------------------------------------------------------------------------
-    def get(self, image_id: int) -> Hit | None:
-        """Metadata of one indexed image as a Hit with score 0.0, or None."""
-        record = self.store.get_image(int(image_id))
+    def get(self, key_or_id: str | int) -> Hit | None:
+        """Metadata of one indexed image, by key (str) or id (int), as a Hit with score 0.0, or None."""
+        if isinstance(key_or_id, str):
+            record = self.store.get_by_key(validate_key(key_or_id))
+        else:
+            record = self.store.get_image(int(key_or_id))
         return _hit(record, 0.0) if record is not None else None
 
     def file_path(self, image_id: int) -> Path:
@@ -674,7 +1132,7 @@ class Index:
         return Path(record.path)
 
 
-_LOOSE_FILTERS = frozenset({"under", "date_from", "date_to", "formats", "min_score"})
+_LOOSE_FILTERS = frozenset({"under", "date_from", "date_to", "formats", "min_score", "collections", "labels"})
 
 __all__ = [
     "DEFAULT_TEMPLATES", "Hit", "Index", "RuclipSearchError", "SearchFilters", "find_duplicates",

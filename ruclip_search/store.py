@@ -21,8 +21,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import sqlalchemy as sa
 
-from .errors import IndexLockedError, IndexNotFoundError, StorageError
-from .filters import SearchFilters
+from .errors import IndexLockedError, IndexNotFoundError, QueryError, StorageError
+from .filters import SearchFilters, validate_key, validate_name
 
 DB_NAME = "index.db"
 LOCK_NAME = ".lock"
@@ -39,8 +39,8 @@ images_table = sa.Table(
     "images",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("root_id", sa.Integer, sa.ForeignKey("roots.id"), nullable=False),
-    sa.Column("relpath", sa.LargeBinary, nullable=False),
+    sa.Column("root_id", sa.Integer, sa.ForeignKey("roots.id")),  # NULL (with relpath) for photos put by key
+    sa.Column("relpath", sa.LargeBinary),
     sa.Column("size", sa.Integer, nullable=False),
     sa.Column("mtime_ns", sa.Integer, nullable=False),
     sa.Column("content_hash", sa.LargeBinary),
@@ -53,9 +53,29 @@ images_table = sa.Table(
     sa.Column("indexed_at", sa.REAL),
     sa.Column("error", sa.Text),
     sa.Column("embedding", sa.LargeBinary),
+    sa.Column("key", sa.Text),  # the application's id of a photo put through the API (NULL for folder files)
+    sa.Column("collection", sa.Text),
     sa.UniqueConstraint("root_id", "relpath"),
     sa.Index("ix_images_content_hash", "content_hash"),
+    sa.Index("ix_images_key", "key", unique=True),
+    sa.Index("ix_images_collection", "collection", "id"),
     sqlite_autoincrement=True,  # ids are FAISS ids: never reuse the id of a deleted row
+)
+labels_table = sa.Table(
+    "labels",
+    metadata,
+    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("label", sa.Text, primary_key=True),
+    sa.Index("ix_labels_label", "label", "image_id"),
+)
+#: One row per image whose embedding was written, replaced or deleted, in the transaction that did it: how
+#: readers bring a loaded FAISS file up to date (meta `faiss_seq` is the last seq that file covers).
+changes_table = sa.Table(
+    "changes",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("image_id", sa.Integer, nullable=False),
+    sqlite_autoincrement=True,
 )
 
 # Numbered migrations: frozen SQL, never edited once released. Index i upgrades schema i -> i+1.
@@ -88,11 +108,51 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
             "CREATE INDEX ix_images_content_hash ON images (content_hash)",
         ],
     ),
+    (
+        # SQLite cannot drop NOT NULL: rebuild `images` keeping every id and the AUTOINCREMENT high-water mark
+        # (the ids are FAISS ids and a deleted row's id must never come back).
+        "m003_online_store",
+        [
+            """CREATE TABLE images_new (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                root_id INTEGER REFERENCES roots(id),
+                relpath BLOB,
+                size INTEGER NOT NULL,
+                mtime_ns INTEGER NOT NULL,
+                content_hash BLOB,
+                width INTEGER, height INTEGER, format TEXT,
+                taken_at TEXT, camera_make TEXT, camera_model TEXT,
+                indexed_at REAL,
+                error TEXT,
+                embedding BLOB,
+                key TEXT,
+                collection TEXT,
+                UNIQUE (root_id, relpath))""",
+            """INSERT INTO images_new (id, root_id, relpath, size, mtime_ns, content_hash, width, height, format,
+                taken_at, camera_make, camera_model, indexed_at, error, embedding)
+               SELECT id, root_id, relpath, size, mtime_ns, content_hash, width, height, format,
+                taken_at, camera_make, camera_model, indexed_at, error, embedding FROM images""",
+            "DELETE FROM sqlite_sequence WHERE name = 'images_new'",
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'images_new', seq FROM sqlite_sequence WHERE name = 'images'",
+            "DROP TABLE images",
+            "ALTER TABLE images_new RENAME TO images",
+            "CREATE INDEX ix_images_content_hash ON images (content_hash)",
+            "CREATE UNIQUE INDEX ix_images_key ON images (key)",
+            "CREATE INDEX ix_images_collection ON images (collection, id)",
+            """CREATE TABLE labels (
+                image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+                label TEXT NOT NULL,
+                PRIMARY KEY (image_id, label))""",
+            "CREATE INDEX ix_labels_label ON labels (label, image_id)",
+            "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, image_id INTEGER NOT NULL)",
+        ],
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Every image column but the embedding (what readers load per record), from the table definition.
 IMAGE_COLUMNS = tuple(c.name for c in images_table.columns if c.name != "embedding")
+_LABEL_SEP = "\x1f"  # joins a record's labels in one query (names cannot hold control characters)
 #: What a file's header/EXIF says (loader.FileMeta has these fields, in this order).
 META_COLUMNS = ("width", "height", "format", "taken_at", "camera_make", "camera_model")
 
@@ -169,8 +229,49 @@ class ImageWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class PhotoWrite:
+    """One photo put through the API by its key: an embedding (float16 bytes), metadata, collection, labels.
+
+    `root_id`/`relpath` only for a photo that is also a file under an indexed root; `size`/`mtime_ns` None: 0.
+    """
+
+    key: str
+    embedding: bytes
+    content_hash: bytes | None = None
+    meta: FileMetaLike | None = None
+    collection: str | None = None
+    labels: tuple[str, ...] = ()
+    root_id: int | None = None
+    relpath: bytes | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+    def values(self) -> dict[str, Any]:
+        """Column -> value for an INSERT or UPDATE (validated: QueryError for a bad key, collection or label)."""
+        validate_key(self.key)
+        if self.collection is not None:
+            validate_name(self.collection, "collection")
+        for label in self.labels:
+            validate_name(label, "label")
+        if not isinstance(self.embedding, bytes) or not self.embedding:
+            raise QueryError(f"Photo {self.key!r} has no embedding: give its float16 bytes.")
+        if (self.root_id is None) != (self.relpath is None):
+            raise QueryError(f"Photo {self.key!r}: give both root_id and relpath, or neither.")
+        meta = self.meta
+        return {
+            "key": self.key, "collection": self.collection, "root_id": self.root_id, "relpath": self.relpath,
+            "size": self.size or 0, "mtime_ns": self.mtime_ns or 0, "content_hash": self.content_hash,
+            "embedding": self.embedding, "error": None, "indexed_at": time.time(),
+            **{c: getattr(meta, c) if meta is not None else None for c in META_COLUMNS},
+        }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
-    """One indexed file as readers see it; `path` is absolute (str, surrogateescape for non-UTF-8 bytes)."""
+    """One indexed image as readers see it; `path` is absolute (str, surrogateescape for non-UTF-8 bytes).
+
+    A photo put by key with no file has `path`, `root` and `relpath` "" (there is no file to open).
+    """
 
     id: int
     path: str
@@ -186,6 +287,20 @@ class ImageRecord:
     camera_model: str | None
     indexed_at: float | None
     error: str | None
+    key: str | None = None
+    collection: str | None = None
+    labels: tuple[str, ...] = ()
+
+
+def _record_columns() -> list[Any]:
+    """What readers select per record: IMAGE_COLUMNS and the image's labels joined by _LABEL_SEP (`labels`)."""
+    joined = (
+        sa.select(sa.func.group_concat(labels_table.c.label, _LABEL_SEP))
+        .where(labels_table.c.image_id == images_table.c.id)
+        .scalar_subquery()
+        .label("labels")
+    )
+    return [*(images_table.c[c] for c in IMAGE_COLUMNS), joined]
 
 
 def encode_embedding(vec: np.ndarray) -> bytes:
@@ -438,13 +553,17 @@ class Store:
         return {rid: os.fsdecode(path) for rid, path in rows}
 
     def _record(self, row: sa.Row[Any], roots: dict[int, str]) -> ImageRecord:
-        if row.root_id not in roots:  # a build added this root after `roots` was read (another snapshot)
-            roots.update(self.roots())
-        root = roots[row.root_id]
-        rel = os.fsdecode(row.relpath)
+        if row.root_id is None:  # a photo put by key, with no file
+            root = rel = path = ""
+        else:
+            if row.root_id not in roots:  # a build added this root after `roots` was read (another snapshot)
+                roots.update(self.roots())
+            root = roots[row.root_id]
+            rel = os.fsdecode(row.relpath)
+            path = os.path.join(root, rel)
         return ImageRecord(
             row.id,
-            os.path.join(root, rel),
+            path,
             root,
             rel,
             row.size,
@@ -457,13 +576,16 @@ class Store:
             row.camera_model,
             row.indexed_at,
             row.error,
+            row.key,
+            row.collection,
+            tuple(sorted(row.labels.split(_LABEL_SEP))) if row.labels else (),
         )
 
     def get_images(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         """Records for the given ids (those that exist), keyed by id."""
         ids = [int(i) for i in ids]
         out: dict[int, ImageRecord] = {}
-        cols = [images_table.c[c] for c in IMAGE_COLUMNS]
+        cols = _record_columns()
         with self.engine.connect() as conn:
             roots = self._read_roots(conn)
             for start in range(0, len(ids), 500):
@@ -475,10 +597,60 @@ class Store:
     def get_image(self, image_id: int) -> ImageRecord | None:
         return self.get_images([image_id]).get(int(image_id))
 
+    def get_by_key(self, key: str) -> ImageRecord | None:
+        """The record of the photo put with this key, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(*_record_columns()).where(images_table.c.key == key)).first()
+            return self._record(row, self._read_roots(conn)) if row is not None else None
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sa.Connection]:
+        """A connection in one read transaction: every query in it sees the same committed state (WAL)."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.rollback()
+
+    @staticmethod
+    def _max_seq(conn: sa.Connection) -> int:
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(changes_table.c.seq), 0))).scalar_one())
+
+    def max_seq(self) -> int:
+        """The last change seq (0: none yet); cheap to poll (one index lookup)."""
+        with self.engine.connect() as conn:
+            return self._max_seq(conn)
+
+    def changes_since(self, seq: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(ids changed after `seq` that now have an embedding, ids changed after `seq` that no longer exist or
+        have none, the new max seq): both sorted int64, from one snapshot."""
+        with self._snapshot() as conn:
+            top = self._max_seq(conn)
+            changed = sa.select(changes_table.c.image_id).where(changes_table.c.seq > int(seq)).distinct().subquery()
+            query = sa.select(changed.c.image_id, images_table.c.embedding.is_not(None)).select_from(
+                changed.outerjoin(images_table, images_table.c.id == changed.c.image_id)
+            )
+            live, gone = [], []
+            for image_id, has in conn.execute(query):
+                (live if has else gone).append(image_id)
+        return np.sort(np.array(live, dtype=np.int64)), np.sort(np.array(gone, dtype=np.int64)), top
+
+    def snapshot_embeddings(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(ids, vectors, max seq) of every embedded image from one snapshot: what a FAISS file built from them
+        covers (see `faiss_seq`)."""
+        dim = self.dim or 0
+        with self._snapshot() as conn:
+            seq = self._max_seq(conn)
+            parts = list(self._iter_embeddings(conn, dim))
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32), seq
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), seq
+
     def find_path(self, path: str | os.PathLike[str]) -> ImageRecord | None:
         """The record of an indexed file by its path (absolute or relative to cwd), or None."""
         path = os.path.abspath(os.fspath(path))
-        cols = [images_table.c[c] for c in IMAGE_COLUMNS]
+        cols = _record_columns()
         with self.engine.connect() as conn:
             roots = self._read_roots(conn)
             for rid, root in roots.items():
@@ -493,7 +665,7 @@ class Store:
 
     def iter_images(self, *, errors: bool | None = None) -> Iterator[ImageRecord]:
         """All records in id order; errors=True only failed files, False only indexed ones."""
-        cols = [images_table.c[c] for c in IMAGE_COLUMNS]
+        cols = _record_columns()
         query = sa.select(*cols).order_by(images_table.c.id)
         if errors is True:
             query = query.where(images_table.c.error.is_not(None))
@@ -519,6 +691,14 @@ class Store:
             conds.append(images_table.c.taken_at <= filters.taken_to.isoformat())
         if filters.formats is not None:
             conds.append(images_table.c.format.in_(sorted(filters.formats)))
+        if filters.collections is not None:
+            conds.append(images_table.c.collection.in_(sorted(filters.collections)))
+        if filters.labels is not None:
+            conds.append(
+                images_table.c.id.in_(
+                    sa.select(labels_table.c.image_id).where(labels_table.c.label.in_(sorted(filters.labels)))
+                )
+            )
         with self.engine.connect() as conn:
             if filters.under is not None:
                 conds.append(self._under_clause(filters.under, self._read_roots(conn)))
@@ -567,20 +747,24 @@ class Store:
     def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All stored embeddings in id order, as (ids int64, vectors float32) chunks."""
         dim = self.dim or 0
-        last = -1
         with self.engine.connect() as conn:
-            while True:
-                rows = conn.execute(
-                    sa.select(images_table.c.id, images_table.c.embedding)
-                    .where(images_table.c.embedding.is_not(None), images_table.c.id > last)
-                    .order_by(images_table.c.id)
-                    .limit(batch)
-                ).all()
-                if not rows:
-                    return
-                last = rows[-1][0]
-                ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-                yield ids, decode_embeddings([r[1] for r in rows], dim)
+            yield from self._iter_embeddings(conn, dim, batch)
+
+    @staticmethod
+    def _iter_embeddings(conn: sa.Connection, dim: int, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        last = -1
+        while True:
+            rows = conn.execute(
+                sa.select(images_table.c.id, images_table.c.embedding)
+                .where(images_table.c.embedding.is_not(None), images_table.c.id > last)
+                .order_by(images_table.c.id)
+                .limit(batch)
+            ).all()
+            if not rows:
+                return
+            last = rows[-1][0]
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            yield ids, decode_embeddings([r[1] for r in rows], dim)
 
     def all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every embedded image, for (re)building the FAISS index."""
@@ -628,15 +812,33 @@ class Store:
                 return int(row[0])
             return int(conn.execute(sa.insert(roots_table).values(path=key)).inserted_primary_key[0])
 
-    def scan_state(self) -> dict[tuple[int, bytes], ScanRow]:
-        """(root_id, relpath) -> ScanRow of every stored file: what the indexer diffs the walk against."""
+    def scan_state(self, under: Sequence[tuple[int, bytes]] | None = None) -> dict[tuple[int, bytes], ScanRow]:
+        """(root_id, relpath) -> ScanRow of every stored file: what the indexer diffs the walk against.
+
+        `under`: only files at or below these (root_id, relpath) paths (b"": the whole root), for the watcher.
+        """
         c = images_table.c
         query = sa.select(
             c.root_id, c.relpath, c.id, c.size, c.mtime_ns, c.content_hash,
             c.embedding.is_not(None), c.error.is_not(None),
-        )  # fmt: skip
+        ).where(c.root_id.is_not(None))  # fmt: skip
+        if under is None:
+            chunks: list[Any] = [query]
+        else:  # relpaths are bytes: "below p" is the range [p + b"/", p + b"0") ("0" follows "/"), index-backed
+            conds = [
+                c.root_id == rid
+                if not rel
+                else sa.and_(c.root_id == rid, sa.or_(c.relpath == rel, sa.and_(c.relpath >= rel + b"/",
+                                                                                  c.relpath < rel + b"0")))
+                for rid, rel in under
+            ]  # fmt: skip
+            chunks = [query.where(sa.or_(*conds[i : i + 200])) for i in range(0, len(conds), 200)]
         with self.engine.connect() as conn:
-            return {(r[0], r[1]): ScanRow(r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7])) for r in conn.execute(query)}
+            return {
+                (r[0], r[1]): ScanRow(r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7]))
+                for q in chunks
+                for r in conn.execute(q)
+            }
 
     def has_embeddings(self) -> bool:
         """Whether any image has an embedding (only then is the index bound to its model)."""
@@ -656,6 +858,15 @@ class Store:
             .limit(1)
         ).first()
         return StoredContent(row[0], ImageMeta(*row[1:])) if row is not None else None
+
+    @staticmethod
+    def files_by_hash(conn: sa.Connection, content_hash: bytes) -> list[tuple[int, int, bytes]]:
+        """(id, root_id, relpath) of the folder files with an embedding of this content (the watcher's moves)."""
+        c = images_table.c
+        query = sa.select(c.id, c.root_id, c.relpath).where(
+            c.content_hash == content_hash, c.embedding.is_not(None), c.root_id.is_not(None)
+        )
+        return [(int(r[0]), int(r[1]), bytes(r[2])) for r in conn.execute(query)]
 
     def embedding_by_hash(self, content_hash: bytes) -> bytes | None:
         """A stored float16 embedding of a file with this content, if any."""
@@ -680,13 +891,71 @@ class Store:
         cls._set_meta(conn, model=name, dim=str(dim))
 
     @staticmethod
-    def upsert_image(conn: sa.Connection, row: ImageWrite, image_id: int | None = None) -> int:
+    def log_changes(conn: sa.Connection, ids: Iterable[int]) -> None:
+        """Append a change row per id (its embedding was written, replaced or deleted) in this transaction."""
+        rows = [{"image_id": int(i)} for i in ids]
+        if rows:
+            conn.execute(sa.insert(changes_table), rows)
+
+    @classmethod
+    def upsert_image(cls, conn: sa.Connection, row: ImageWrite, image_id: int | None = None) -> int:
         """Insert a row, or replace row `image_id` (keeping its id, hence its FAISS id); returns the id."""
         values = row.values()
         if image_id is None:
-            return int(conn.execute(sa.insert(images_table).values(**values)).inserted_primary_key[0])
+            image_id = int(conn.execute(sa.insert(images_table).values(**values)).inserted_primary_key[0])
+            if row.embedding is not None:
+                cls.log_changes(conn, [image_id])
+            return image_id
         conn.execute(sa.update(images_table).where(images_table.c.id == image_id).values(**values))
+        cls.log_changes(conn, [image_id])
         return image_id
+
+    def put_photos(self, writes: Sequence[PhotoWrite]) -> list[int]:
+        """In ONE transaction, insert each photo, or replace the row with its key (keeping its id) and its
+        labels; logs the changes; returns the ids in order. QueryError (nothing written) for bad input."""
+        values = [w.values() for w in writes]  # validate all before writing any
+        c = images_table.c
+        ids: list[int] = []
+        try:
+            with self.transaction() as conn:
+                for w, vals in zip(writes, values, strict=True):
+                    row = conn.execute(sa.select(c.id).where(c.key == w.key)).first()
+                    if row is None and w.root_id is not None:  # a file a folder build indexed: adopt its row
+                        row = conn.execute(
+                            sa.select(c.id, c.key).where(c.root_id == w.root_id, c.relpath == w.relpath)
+                        ).first()
+                        if row is not None and row[1] is not None:
+                            raise QueryError(
+                                f"That file is already stored as photo {row[1]!r}: put it with that key, or "
+                                f"delete {row[1]!r} first."
+                            )
+                    if row is None:
+                        image_id = int(conn.execute(sa.insert(images_table).values(**vals)).inserted_primary_key[0])
+                    else:
+                        image_id = int(row[0])
+                        conn.execute(sa.update(images_table).where(c.id == image_id).values(**vals))
+                        conn.execute(sa.delete(labels_table).where(labels_table.c.image_id == image_id))
+                    if w.labels:
+                        conn.execute(
+                            sa.insert(labels_table),
+                            [{"image_id": image_id, "label": lb} for lb in sorted(set(w.labels))],
+                        )
+                    self.log_changes(conn, [image_id])
+                    ids.append(image_id)
+        except sa.exc.IntegrityError as e:
+            raise QueryError(f"Cannot store these photos ({e.orig}): two of them name the same file.") from e
+        return ids
+
+    def delete_keys(self, keys: Sequence[str]) -> list[int]:
+        """In one transaction, delete the photos with these keys (absent keys are ignored); returns their ids."""
+        keys = list(dict.fromkeys(str(k) for k in keys))
+        ids: list[int] = []
+        with self.transaction() as conn:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                ids += [r[0] for r in conn.execute(sa.select(images_table.c.id).where(images_table.c.key.in_(chunk)))]
+            self.delete_images(conn, ids)
+        return ids
 
     @staticmethod
     def touch(conn: sa.Connection, image_id: int, size: int, mtime_ns: int) -> None:
@@ -707,7 +976,8 @@ class Store:
         keys = [os.fsencode(p) for p in paths]
         with self.transaction() as conn:
             gone = sa.select(roots_table.c.id).where(roots_table.c.path.not_in(keys))
-            conn.execute(sa.delete(images_table).where(images_table.c.root_id.in_(gone)))
+            ids = [r[0] for r in conn.execute(sa.select(images_table.c.id).where(images_table.c.root_id.in_(gone)))]
+            self.delete_images(conn, ids)
             conn.execute(sa.delete(roots_table).where(roots_table.c.path.not_in(keys)))
 
     def replace_with(self, other: Store, **meta: str | None) -> None:
@@ -715,10 +985,12 @@ class Store:
 
         How a rebuild goes live: readers see the old index or the new one, never a mix or an empty one. Ids
         are copied, so `other`'s FAISS file (moved here first) fits. The schema keys stay this database's.
+        The change log is this database's: no rows are logged, and `faiss_seq` becomes its max seq (readers
+        reload everything when `index_version` changes).
         """
         staged = sa.MetaData()
-        s_roots, s_images, s_meta = (
-            t.to_metadata(staged, schema="staged") for t in (roots_table, images_table, meta_table)
+        s_roots, s_images, s_meta, s_labels = (
+            t.to_metadata(staged, schema="staged") for t in (roots_table, images_table, meta_table, labels_table)
         )
 
         def structural(key: Any) -> Any:
@@ -741,6 +1013,9 @@ class Store:
                         conn.execute(
                             sa.insert(images_table).from_select(list(images_table.c.keys()), sa.select(*s_images.c))
                         )
+                        conn.execute(
+                            sa.insert(labels_table).from_select(list(labels_table.c.keys()), sa.select(*s_labels.c))
+                        )
                         conn.execute(sa.delete(meta_table).where(~structural(meta_table.c.key)))
                         conn.execute(
                             sa.insert(meta_table).from_select(
@@ -750,18 +1025,23 @@ class Store:
                         )
                         # the data changed (readers drop caches keyed on it); the FAISS file matches it
                         version = str(int(row[0]) + 1 if row else 1)
-                        self._set_meta(conn, **meta, data_version=version, faiss_data_version=version)
+                        self._set_meta(
+                            conn, **meta, data_version=version, faiss_data_version=version,
+                            faiss_seq=str(self._max_seq(conn)),
+                        )  # fmt: skip
                 finally:
                     conn.execute(sa.text("DETACH DATABASE staged"))
                     conn.commit()
         except sa.exc.OperationalError as e:
             raise StorageError(f"Cannot write the index database {str(self.db_path)!r}: {e.orig}.") from e
 
-    @staticmethod
-    def delete_images(conn: sa.Connection, ids: Iterable[int]) -> None:
-        ids = list(ids)
+    @classmethod
+    def delete_images(cls, conn: sa.Connection, ids: Iterable[int]) -> None:
+        """Delete rows (their labels go with them) and log the changes."""
+        ids = [int(i) for i in ids]
         for start in range(0, len(ids), 500):
             conn.execute(sa.delete(images_table).where(images_table.c.id.in_(ids[start : start + 500])))
+        cls.log_changes(conn, ids)
 
     def data_version(self) -> int:
         return int(self.get_meta("data_version", "0") or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -83,43 +84,95 @@ def walk(
         root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(root):
             raise RuclipSearchError(f"{root!r} is not a folder: give a folder of photos.")
-        st = os.stat(root)
-        seen: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
-        stack: list[str] = [""]
-        while stack:
-            rel_dir = stack.pop()
-            abs_dir = os.path.join(root, rel_dir) if rel_dir else root
+        yield from _walk_tree(root, [""], patterns, follow_symlinks)
+
+
+def walk_paths(
+    root: str | os.PathLike[str],
+    relpaths: Iterable[str],
+    *,
+    exclude: Iterable[str] = (),
+    follow_symlinks: bool = False,
+) -> Iterator[FileEntry]:
+    """Yield the image files that `walk([root])` would yield at or under each of `relpaths` (a file or a folder,
+    relative to `root`; "" is the whole root). Paths that are missing, hidden, excluded or not images yield
+    nothing. The watcher's view of a few changed paths, by the same rules as a full walk."""
+    patterns = tuple(exclude)
+    root = os.path.abspath(os.fspath(root))
+    folders: list[str] = []
+    for rel in relpaths:
+        if rel == "":
+            folders.append(rel)
+            continue
+        parts = rel.split(os.sep)
+        if any(part.startswith(".") or not part for part in parts):
+            continue
+        if patterns and any(_excluded(os.sep.join(parts[: i + 1]), parts[i], patterns) for i in range(len(parts))):
+            continue
+        path = os.path.join(root, rel)
+        if not follow_symlinks and any(os.path.islink(os.path.join(root, *parts[:i])) for i in range(1, len(parts))):
+            continue  # walk does not enter a linked folder unless told to
+        try:
+            st = os.stat(path) if follow_symlinks else os.lstat(path)
+        except OSError:
+            continue  # gone (deleted or moved away)
+        if stat.S_ISDIR(st.st_mode):
+            folders.append(rel)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        ext = os.path.splitext(parts[-1])[1].lower()
+        if ext not in IMAGE_EXTENSIONS and not (ext == "" and looks_like_image(path)):
+            continue
+        yield FileEntry(root, rel, st.st_size, st.st_mtime_ns)
+    if folders:
+        yield from _walk_tree(root, folders, patterns, follow_symlinks)
+
+
+def _walk_tree(root: str, starts: list[str], patterns: tuple[str, ...], follow_symlinks: bool) -> Iterator[FileEntry]:
+    """Image files in the folders `starts` (relative to `root`) and below them."""
+    seen: set[tuple[int, int]] = set()
+    for rel_dir in starts:
+        try:
+            st = os.stat(os.path.join(root, rel_dir) if rel_dir else root)
+        except OSError:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+    stack: list[str] = list(reversed(starts))
+    while stack:
+        rel_dir = stack.pop()
+        abs_dir = os.path.join(root, rel_dir) if rel_dir else root
+        try:
+            with os.scandir(abs_dir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable or vanished folder: nothing to index there
+        subdirs: list[str] = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            rel = os.path.join(rel_dir, name) if rel_dir else name
+            if patterns and _excluded(rel, name, patterns):
+                continue
             try:
-                with os.scandir(abs_dir) as it:
-                    entries = sorted(it, key=lambda e: e.name)
+                is_link = entry.is_symlink()
+                if is_link and not follow_symlinks:
+                    continue
+                if entry.is_dir(follow_symlinks=follow_symlinks):
+                    dst = entry.stat(follow_symlinks=True)
+                    key = (dst.st_dev, dst.st_ino)
+                    if key not in seen:
+                        seen.add(key)
+                        subdirs.append(rel)
+                    continue
+                if not entry.is_file(follow_symlinks=follow_symlinks):
+                    continue
+                ext = os.path.splitext(name)[1].lower()
+                if ext not in IMAGE_EXTENSIONS and not (ext == "" and looks_like_image(entry.path)):
+                    continue
+                fst = entry.stat(follow_symlinks=follow_symlinks)
             except OSError:
-                continue  # unreadable or vanished folder: nothing to index there
-            subdirs: list[str] = []
-            for entry in entries:
-                name = entry.name
-                if name.startswith("."):
-                    continue
-                rel = os.path.join(rel_dir, name) if rel_dir else name
-                if patterns and _excluded(rel, name, patterns):
-                    continue
-                try:
-                    is_link = entry.is_symlink()
-                    if is_link and not follow_symlinks:
-                        continue
-                    if entry.is_dir(follow_symlinks=follow_symlinks):
-                        dst = entry.stat(follow_symlinks=True)
-                        key = (dst.st_dev, dst.st_ino)
-                        if key not in seen:
-                            seen.add(key)
-                            subdirs.append(rel)
-                        continue
-                    if not entry.is_file(follow_symlinks=follow_symlinks):
-                        continue
-                    ext = os.path.splitext(name)[1].lower()
-                    if ext not in IMAGE_EXTENSIONS and not (ext == "" and looks_like_image(entry.path)):
-                        continue
-                    fst = entry.stat(follow_symlinks=follow_symlinks)
-                except OSError:
-                    continue  # vanished or broken link between listing and stat
-                yield FileEntry(root, rel, fst.st_size, fst.st_mtime_ns)
-            stack.extend(reversed(subdirs))
+                continue  # vanished or broken link between listing and stat
+            yield FileEntry(root, rel, fst.st_size, fst.st_mtime_ns)
+        stack.extend(reversed(subdirs))

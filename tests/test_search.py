@@ -278,7 +278,7 @@ def test_refresh_swaps_after_rebuild(tmp_path: Path) -> None:
         draw("синий круг", seed=77, size=64).save(new)
         assert str(new) not in {h.path for h in index.search("синий круг", k=13)}
         build(folder, index=tmp_path / "idx", workers=0, device="cpu")
-        assert str(new) not in {h.path for h in index.search("синий круг", k=13)}  # not yet swapped
+        # (a search now may already find it through the change log: see test_online.py)
         assert index.refresh() is True and index.version > v0
         assert index.refresh() is False
         assert str(new) in {h.path for h in index.search("синий круг", k=2)}

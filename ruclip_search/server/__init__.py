@@ -1,12 +1,14 @@
 """HTTP JSON API and web page over one or more indexes: the backing store for a photo app.
 
 `create_app` builds the FastAPI app (tests drive it with TestClient); `serve` runs it with uvicorn.
-Files are only ever read by image id through the index, never from a path given in a request. Each index
+Files are only ever read by image id through the index; the only path a request may name is a PUT /photos
+file, and only under a folder the server allows (--allow-root). Each index
 is refreshed (at most every `refresh_interval` seconds, on the request path) so a finished `ruclip-index
 build` is served without a restart; `Index.refresh` swaps versions atomically.
 
 Layout: `app` assembles; `state` holds what an app serves; `deps` the dependencies and parameter types;
-`routes/` the endpoints; `schemas` the response models; `errors`, `uploads`, `thumbnails`, `results` helpers.
+`routes/` the endpoints; `schemas` the response models; `writes` parses what PUT /photos sends; `errors`,
+`uploads`, `thumbnails`, `results` helpers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from ..defaults import HOST, PORT
 from .app import create_app
-from .schemas import ErrorOut, HealthOut, HitOut, IndexInfoOut, InfoOut, SearchOut
+from .schemas import DeletedOut, ErrorOut, HealthOut, HitOut, IndexInfoOut, InfoOut, PhotoIn, SearchOut
 
 log = logging.getLogger("ruclip_search.server")
 
@@ -33,14 +35,23 @@ def serve(
     model: Any = None,
     device: str = "auto",
     log_level: str = "info",
+    write_token: str | None = None,
+    allow_roots: Iterable[str | os.PathLike[str]] = (),
 ) -> None:
-    """Open the indexes and serve them with uvicorn until interrupted (binds loopback unless told otherwise)."""
+    """Open the indexes and serve them with uvicorn until interrupted (binds loopback unless told otherwise).
+
+    `write_token` enables PUT/DELETE /photos (indexes open writable); `allow_roots` the folders PUT may name.
+    """
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("serving on %s without a token: anyone who can reach this port can see your photos", host)
-    app = create_app(index_dirs, token=token, cors_origins=cors_origins, model=model, device=device)
+    app = create_app(index_dirs, token=token, cors_origins=cors_origins, model=model, device=device,
+                     write_token=write_token, allow_roots=allow_roots)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
 
 
-__all__ = ["ErrorOut", "HealthOut", "HitOut", "IndexInfoOut", "InfoOut", "SearchOut", "create_app", "serve"]
+__all__ = [
+    "DeletedOut", "ErrorOut", "HealthOut", "HitOut", "IndexInfoOut", "InfoOut", "PhotoIn", "SearchOut", "create_app",
+    "serve",
+]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -13,7 +14,7 @@ from .. import __version__
 from ..defaults import REFRESH_INTERVAL, THUMB_CACHE_BYTES, UPLOAD_MAX_BYTES, UPLOAD_MAX_PIXELS
 from ..encoder import ModelCache
 from .errors import install_error_handlers
-from .routes import images, meta, search, web
+from .routes import images, meta, photos, search, web
 from .state import ServerState, open_indexes
 from .thumbnails import ThumbCache
 from .uploads import MULTIPART_SLACK, UploadLimit
@@ -36,15 +37,21 @@ def create_app(
     device: str = "auto",
     refresh_interval: float = REFRESH_INTERVAL,
     thumbnail_cache_bytes: int = THUMB_CACHE_BYTES,
+    write_token: str | None = None,
+    allow_roots: Iterable[str | os.PathLike[str]] = (),
 ) -> FastAPI:
     """The FastAPI app serving `index_dirs` (folders, or already opened `Index` objects); the first is default.
 
     Indexes are opened now, so a missing or unbuilt index fails here (IndexNotFoundError), not per request.
     `max_upload_bytes`/`max_pixels` cap uploaded query images; one text model per model name is shared by
-    all indexes.
+    all indexes. `write_token` enables PUT/DELETE /photos (the folders are then opened writable; without it
+    every write answers 403 `writes_disabled`); `allow_roots` are the folders whose files a PUT may name by
+    path (symlinks resolved; none: only uploads and embeddings).
     """
+    roots = tuple(Path(os.path.realpath(r)) for r in allow_roots)
     models = ModelCache(device)
-    served = open_indexes(index_dirs, model=model, device=device, models=models, refresh_interval=refresh_interval)
+    served = open_indexes(index_dirs, model=model, device=device, models=models, refresh_interval=refresh_interval,
+                          writable=write_token is not None)  # fmt: skip
     app = FastAPI(
         title="ruclip-search",
         version=__version__,
@@ -54,15 +61,15 @@ def create_app(
     )
     app.state.server = ServerState(
         served=served, models=models, thumbs=ThumbCache(thumbnail_cache_bytes), token=token,
-        max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
+        max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, write_token=write_token, allow_roots=roots,
     )  # fmt: skip
-    for module in (meta, search, images, web):
+    for module in (meta, search, images, photos, web):
         app.include_router(module.router)
     install_error_handlers(app)
     if cors := list(cors_origins):
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST", "PUT", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     app.add_middleware(UploadLimit, limit=max_upload_bytes + MULTIPART_SLACK)
     return app

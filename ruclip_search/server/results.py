@@ -31,12 +31,14 @@ def _finite(x: Any) -> float | None:
 
 
 def hit_out(s: Served, hit: Any, score: bool = True) -> HitOut:
-    """One hit as JSON; its URLs name the index unless it is the default one."""
+    """One hit as JSON; its URLs name the index unless it is the default one (none for a photo without a file)."""
+    has_file = bool(hit.path)
     return HitOut(
-        id=int(hit.id), path=display_path(hit.path), score=_finite(hit.score) if score else None,
+        id=int(hit.id), key=hit.key, collection=hit.collection, labels=list(hit.labels),
+        path=display_path(hit.path) if has_file else None, score=_finite(hit.score) if score else None,
         width=hit.width, height=hit.height, taken_at=_iso(hit.taken_at), format=hit.format,
-        thumbnail_url=f"/images/{int(hit.id)}/thumbnail{s.url_suffix}",
-        file_url=f"/images/{int(hit.id)}/file{s.url_suffix}",
+        thumbnail_url=f"/images/{int(hit.id)}/thumbnail{s.url_suffix}" if has_file else None,
+        file_url=f"/images/{int(hit.id)}/file{s.url_suffix}" if has_file else None,
     )  # fmt: skip
 
 
@@ -58,7 +60,9 @@ def known_image(s: Served, image_id: int) -> Any:
 
 def indexed_file(s: Served, image_id: int) -> tuple[Path, os.stat_result]:
     """Path and stat of an indexed image's file: 404 `image_not_found` or `file_missing`."""
-    known_image(s, image_id)
+    if not known_image(s, image_id).path:
+        raise ApiError(404, "file_missing", f"Image {image_id} was written as an upload or an embedding: the server "
+                       "has no file of it (your app holds the original).")  # fmt: skip
     try:
         path = Path(s.index.file_path(image_id))
         st = path.stat()

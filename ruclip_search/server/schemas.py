@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..defaults import MAX_LABELS
 
 
 class ErrorOut(BaseModel):
@@ -15,10 +18,16 @@ class ErrorOut(BaseModel):
 
 
 class HitOut(BaseModel):
-    """One image: its id (use it with /images/{id}/...), absolute path, score and metadata."""
+    """One image: its id (use it with /images/{id}/...), its key if an app wrote it, path, score and metadata."""
 
     id: int
-    path: str = Field(description="Absolute path on the server (undecodable bytes shown as U+FFFD).")
+    key: str | None = Field(None, description="The app's key (PUT /photos/{key}); null for photos of a build.")
+    collection: str | None = Field(None, description="Collection given when the photo was written, if any.")
+    labels: list[str] = Field(default_factory=list, description="Labels given when the photo was written (sorted).")
+    path: str | None = Field(
+        None, description="Absolute path on the server (undecodable bytes shown as U+FFFD); null for a photo "
+        "written as an upload or an embedding, which has no file on the server."
+    )  # fmt: skip
     score: float | None = Field(None, description="Cosine similarity to the query; null for plain metadata.")
     width: int | None = None
     height: int | None = None
@@ -28,8 +37,31 @@ class HitOut(BaseModel):
         "offset only when the EXIF records one.",
     )
     format: str | None = Field(None, description="PIL format name, e.g. JPEG, PNG, HEIF.")
-    thumbnail_url: str = Field(description="Relative URL of a 256 px JPEG thumbnail.")
-    file_url: str = Field(description="Relative URL of the original file.")
+    thumbnail_url: str | None = Field(None, description="Relative URL of a 256 px JPEG thumbnail; null without a file.")
+    file_url: str | None = Field(None, description="Relative URL of the original file; null without a file.")
+
+
+class PhotoIn(BaseModel):
+    """PUT /photos/{key} as JSON: exactly one of `path` (a file under an --allow-root) and `embedding`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, max_length=4096, description="Absolute path of an image file on the server, "
+                             "under a folder the server allows (--allow-root).")  # fmt: skip
+    embedding: list[float] | None = Field(
+        None, description="The photo's image embedding from the index's model (its dimension, see /info); "
+        "normalised to unit length by the server."
+    )  # fmt: skip
+    collection: str | None = Field(None, description="A collection name to scope searches by (?collection=).")
+    labels: list[str] = Field(default_factory=list, max_length=MAX_LABELS,
+                              description="Label names to filter searches by (?label=).")  # fmt: skip
+    taken_at: datetime | date | None = Field(None, description="Capture time (ISO 8601); default: the file's EXIF.")
+
+
+class DeletedOut(BaseModel):
+    """DELETE /photos/{key} answer."""
+
+    deleted: bool
 
 
 class SearchOut(BaseModel):
@@ -65,9 +97,10 @@ class HealthOut(BaseModel):
 _ERROR_TEXT = {
     400: "Bad query or image",
     401: "Missing or wrong bearer token",
-    404: "Unknown index, image or file",
+    403: "Writes disabled on this server, or a path outside its allowed folders",
+    404: "Unknown index, image, photo key or file",
     413: "Upload or image too large",
-    415: "Upload is not an image",
+    415: "Upload is not an image, or an unsupported request body type",
     503: "Index unavailable",
 }
 
@@ -77,4 +110,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorOut, "description": _ERROR_TEXT[c]} for c in codes}
 
 
-__all__ = ["ErrorOut", "HealthOut", "HitOut", "IndexInfoOut", "InfoOut", "SearchOut", "error_responses"]
+__all__ = [
+    "DeletedOut", "ErrorOut", "HealthOut", "HitOut", "IndexInfoOut", "InfoOut", "PhotoIn", "SearchOut",
+    "error_responses",
+]  # fmt: skip

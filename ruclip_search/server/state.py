@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -51,7 +52,7 @@ class Served:
 
 @dataclass(eq=False)
 class ServerState:
-    """The served indexes (first = default), limits, token, caches and the bounds on concurrent work."""
+    """The served indexes (first = default), limits, tokens, caches and the bounds on concurrent work."""
 
     served: dict[str, Served]
     models: ModelCache
@@ -59,6 +60,8 @@ class ServerState:
     token: str | None
     max_upload_bytes: int
     max_pixels: int  # uploads
+    write_token: str | None = None  # None: the indexes are open read-only and every write answers 403
+    allow_roots: tuple[Path, ...] = ()  # resolved folders whose files PUT /photos may name by path
     # Model and FAISS work uses all cores by itself: more concurrent queries than cores only thrash.
     busy: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
@@ -89,9 +92,11 @@ class ServerState:
 
 def open_indexes(
     index_dirs: Sequence[str | os.PathLike[str] | Any], *, model: Any, device: str, models: ModelCache,
-    refresh_interval: float,
+    refresh_interval: float, writable: bool = False,
 ) -> dict[str, Served]:  # fmt: skip
     """Open every folder (already opened `Index` objects are served as given), named uniquely, first default.
+
+    `writable` opens the folders for writes (a server with a write token); read-only otherwise.
 
     All indexes get their text model from `models`, so indexes of one model share one loaded text tower.
     Opening fails here for a missing or unbuilt index (IndexNotFoundError), and closes what it had opened.
@@ -104,7 +109,7 @@ def open_indexes(
     try:
         for item in index_dirs:
             if isinstance(item, (str, os.PathLike)):
-                opened.append((Index.open(item, model=model, device=device, models=models), True))
+                opened.append((Index.open(item, writable=writable, model=model, device=device, models=models), True))
             else:
                 opened.append((item, False))
     except BaseException:

@@ -81,11 +81,9 @@ def read_upload(file: UploadFile, max_bytes: int) -> bytes:
     return data
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Any:
-    """Decode an uploaded image, with 415 for non-images, 413 above the pixel cap, 400 for broken ones."""
+def probe_upload(data: bytes, max_pixels: int) -> None:
+    """Check an upload's header without decoding it: 400 empty, 415 not an image, 413 above the pixel cap."""
     from PIL import Image, UnidentifiedImageError
-
-    from .. import decode
 
     if not data:
         raise ApiError(400, "bad_image", "The upload is empty: attach an image file.")
@@ -104,10 +102,17 @@ def decode_upload(data: bytes, max_pixels: int) -> Any:
             raise ApiError(400, "bad_image", f"The image cannot be read: {e}.") from None
     if w * h > max_pixels:
         raise ApiError(413, "too_many_pixels", f"Image is {w}x{h}, more than {max_pixels} pixels: send a smaller one.")
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Any:
+    """Decode an uploaded image, with 415 for non-images, 413 above the pixel cap, 400 for broken ones."""
+    from .. import decode
+
+    probe_upload(data, max_pixels)
     try:
         return decode.open_image(data, max_pixels=max_pixels)
     except ImageError as e:
         raise ApiError(400, "bad_image", f"The image cannot be decoded: {e}") from None
 
 
-__all__ = ["MULTIPART_SLACK", "UploadLimit", "decode_upload", "read_upload"]
+__all__ = ["MULTIPART_SLACK", "UploadLimit", "decode_upload", "probe_upload", "read_upload"]

@@ -1,0 +1,347 @@
+"""The online store through `Index`: photos added, replaced and removed by key while an index serves, visible
+at once in the writing process and within a second in others (the recent segment and tombstones over the
+FAISS file), scoped by collections and labels, and compacted into the FAISS file without changing results."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_MODEL, make_photos, make_search_photos
+from fixture_images import draw
+
+from ruclip_search import defaults
+from ruclip_search.encoder import ModelCache
+from ruclip_search.errors import QueryError
+from ruclip_search.search import Hit, Index
+
+QUERIES = ("синий круг", "красный квадрат", "зелёный треугольник", "жёлтый круг")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_path_module) -> ModelCache:
+    return ModelCache(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path_module() -> Path:
+    if not (TINY_MODEL / "config.json").is_file():
+        pytest.skip("tests/fixtures/tiny-ruclip is missing: run scripts/make_fixture_model.py")
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """make_search_photos' 48 drawings (JPEGs with EXIF dates, PNGs without)."""
+    return make_search_photos(tmp_path_factory.mktemp("online") / "photos")
+
+
+@pytest.fixture
+def idx(tmp_path: Path, models: ModelCache):
+    index = Index.create(tmp_path / "index", model=str(TINY_MODEL), device="cpu", models=models)
+    yield index
+    index.close()
+
+
+def exact(index: Index, vec: np.ndarray, k: int, keep=lambda r: True) -> list[tuple[int, float]]:
+    """Ground truth: brute force over every stored vector (ids passing `keep`), best first, ties by id."""
+    ids, vecs = index.store.all_embeddings()
+    if not len(ids):
+        return []
+    records = index.store.get_images(ids.tolist())
+    scores = vecs @ vec
+    order = np.lexsort((ids, -scores))
+    return [(int(ids[j]), float(scores[j])) for j in order if keep(records[int(ids[j])])][:k]
+
+
+def assert_exact(index: Index, query: str, k: int = 10, keep=lambda r: True, **filters) -> list[Hit]:
+    hits = index.search(query, k=k, **filters)
+    truth = exact(index, index.embed_query(query), k, keep)
+    assert [h.id for h in hits] == [i for i, _ in truth], query
+    assert np.allclose([h.score for h in hits], [s for _, s in truth], atol=1e-5)
+    return hits
+
+
+def add_pictures(index: Index, pictures: list[dict], **fields) -> list[Hit]:
+    """Every picture by key 'p<n>', in batches through add_many."""
+    return index.add_many({"key": f"p{n}", "image": p["path"], **fields} for n, p in enumerate(pictures))
+
+
+# -- adding ------------------------------------------------------------------------------------------
+def test_add_by_bytes_path_pil_and_embedding(idx: Index, pictures: list[dict]) -> None:
+    jpeg = next(p for p in pictures if p["format"] == "JPEG")
+    png = next(p for p in pictures if p["format"] == "PNG")
+    a = idx.add("bytes", image=Path(jpeg["path"]).read_bytes(), collection="c1", labels=["x", "y", "x"])
+    b = idx.add("path", image=png["path"])
+    c = idx.add("pil", image=draw("синий круг", seed=9, size=64))
+    vec = np.random.default_rng(0).normal(size=idx.model.dim)
+    d = idx.add("vector", embedding=vec * 7.0, taken_at="2020-05-06")  # normalised by us
+    assert len({a.id, b.id, c.id, d.id}) == 4
+    assert (a.key, a.collection, a.labels, a.format, a.width) == ("bytes", "c1", ("x", "y"), "JPEG", 64)
+    assert a.taken_at == jpeg["taken"]  # from the EXIF
+    assert (b.format, b.taken_at, b.collection, b.labels) == ("PNG", None, None, ())
+    assert d.taken_at == dt.datetime(2020, 5, 6) and d.format is None
+    stored = idx.store.get_embeddings([a.id, b.id, d.id])
+    assert np.allclose(stored[0], idx.embed_image(jpeg["path"]), atol=2e-3)  # the image tower's embedding
+    assert np.allclose(stored[1], idx.embed_image(png["path"]), atol=2e-3)
+    assert np.allclose(stored[2], vec / np.linalg.norm(vec), atol=2e-3)
+    assert idx.get("bytes").id == a.id and idx.get(a.id).key == "bytes" and idx.get("absent") is None
+    assert a.to_dict()["labels"] == ["x", "y"] and a.to_dict()["key"] == "bytes"
+
+
+def test_added_photos_are_searchable_at_once_in_exact_order(idx: Index, pictures: list[dict]) -> None:
+    assert idx.search("синий круг") == []  # a new index is empty, yet searchable
+    hits = add_pictures(idx, pictures[:30])
+    assert [h.key for h in hits] == [f"p{n}" for n in range(30)]
+    for query in QUERIES:
+        found = assert_exact(idx, query, k=10)  # no FAISS rewrite happened: all from the recent segment
+        assert len(found) == 10
+    assert idx.info()["segment_size"] == 30 and idx.info()["loaded_count"] == 0
+    idx.compact()
+    add_pictures(idx, pictures[30:])  # now half in the FAISS file, half in the segment
+    for query in QUERIES:
+        assert_exact(idx, query, k=12)
+    top = idx.search("синий круг", k=4)
+    assert {Path(pictures[int(h.key[1:])]["path"]).stem.rsplit(" ", 1)[0] for h in top} == {"синий круг"}
+
+
+def test_second_reader_sees_writes_within_a_second(idx: Index, pictures: list[dict], models: ModelCache) -> None:
+    add_pictures(idx, pictures[:24])
+    with Index.open(idx.store.dir, device="cpu", models=models) as reader:
+        before = [h.id for h in reader.search("жёлтый круг", k=5)]
+        new = idx.add("new", image=draw("жёлтый круг", seed=123, size=64))
+        time.sleep(0.6)
+        after = reader.search("жёлтый круг", k=5)
+        assert new.id in [h.id for h in after] and [h.id for h in after] != before
+        assert_exact(reader, "жёлтый круг", k=8)
+        # replacing the key's photo keeps its id and moves it in the results; removing hides it
+        idx.add("new", image=draw("красный квадрат", seed=5, size=64))
+        time.sleep(0.6)
+        assert new.id not in [h.id for h in reader.search("жёлтый круг", k=5)]
+        assert new.id in [h.id for h in reader.search("красный квадрат", k=5)]  # 4 other red squares
+        assert_exact(reader, "красный квадрат", k=8)
+        assert idx.remove("new") is True
+        time.sleep(0.6)
+        assert new.id not in [h.id for h in reader.search("красный квадрат", k=50)]
+        assert reader.get("new") is None
+
+
+def test_replace_and_remove_in_the_same_process(idx: Index, pictures: list[dict]) -> None:
+    add_pictures(idx, pictures[:24])
+    idx.compact()  # the photos are in the FAISS file: replacing and removing must mask its vectors
+    first = idx.search("синий круг", k=1)[0]
+    replaced = idx.add(first.key, image=draw("зелёный треугольник", seed=40, size=64), labels=["moved"])
+    assert replaced.id == first.id and replaced.labels == ("moved",)
+    assert first.id not in [h.id for h in idx.search("синий круг", k=3)]
+    assert first.id in [h.id for h in idx.search("зелёный треугольник", k=5)]  # with the 4 others
+    assert_exact(idx, "синий круг", k=24)
+    gone = idx.search("красный квадрат", k=2)
+    assert idx.remove_many([gone[0].key, gone[1].key, "never-there"]) == 2
+    assert idx.remove("never-there") is False
+    ids = [h.id for h in idx.search("красный квадрат", k=30)]
+    assert gone[0].id not in ids and gone[1].id not in ids and len(ids) == 22
+    assert_exact(idx, "красный квадрат", k=22)
+    idx.compact()
+    ids = [h.id for h in idx.search("красный квадрат", k=30)]
+    assert gone[0].id not in ids and gone[1].id not in ids and len(ids) == 22
+    assert idx.info()["segment_size"] == 0
+
+
+def test_labels_and_collections_scope_a_search(idx: Index, pictures: list[dict]) -> None:
+    items = []
+    for n, p in enumerate(pictures):
+        labels = ["even" if n % 2 == 0 else "odd"] + (["third"] if n % 3 == 0 else [])
+        items.append({"key": f"p{n}", "image": p["path"], "collection": f"c{n % 4}", "labels": labels})
+    hits = idx.add_many(items)
+    key_of = {h.id: h.key for h in hits}
+    idx.compact()
+    idx.add_many(items[:8])  # some in the segment too (same content, replaced in place)
+
+    def n_of(record) -> int:
+        return int(key_of[record.id][1:])
+
+    assert_exact(idx, "синий круг", k=10, keep=lambda r: n_of(r) % 4 == 1, collections=["c1"])
+    assert_exact(idx, "синий круг", k=30, keep=lambda r: n_of(r) % 4 in (1, 2), collections=["c1", "c2"])
+    # labels: any of them
+    assert_exact(idx, "красный квадрат", k=30, keep=lambda r: n_of(r) % 2 == 1 or n_of(r) % 3 == 0,
+                 labels=["odd", "third"])  # fmt: skip
+    # collections AND dates AND labels
+    start = dt.date(2021, 1, 10)
+
+    def dated(r) -> bool:
+        return r.taken_at is not None and r.taken_at >= "2021-01-10"
+
+    got = assert_exact(idx, "зелёный треугольник", k=30, keep=lambda r: n_of(r) % 4 == 0 and dated(r),
+                       collections=["c0"], date_from=start)  # fmt: skip
+    assert got and all(h.collection == "c0" and h.taken_at >= dt.datetime(2021, 1, 10) for h in got)
+    got = idx.search("зелёный треугольник", k=30, collections=["c0"], labels=["third"], date_from=start)
+    assert got and all(h.collection == "c0" and "third" in h.labels and h.taken_at is not None for h in got)
+    assert idx.search("синий круг", collections=["nobody"]) == []
+    with pytest.raises(QueryError, match="collection"):
+        idx.search("синий круг", collections=["a/b"])
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+def test_bad_writes_store_nothing(idx: Index, pictures: list[dict], models: ModelCache) -> None:
+    idx.add("ok", embedding=np.ones(idx.model.dim))
+    count = idx.store.counts()["images"]
+    seq = idx.store.max_seq()
+    with pytest.raises(QueryError, match="32-d"):
+        idx.add("wrong", embedding=np.ones(idx.model.dim + 1))
+    with pytest.raises(QueryError, match="32-d"):  # a bad item stores nothing of its batch
+        idx.add_many([{"key": "fine", "embedding": np.ones(idx.model.dim)}, {"key": "bad", "embedding": [1.0, 2.0]}])
+    with pytest.raises(QueryError, match="exactly one"):
+        idx.add("both", image=pictures[0]["path"], embedding=np.ones(idx.model.dim))
+    with pytest.raises(QueryError, match="exactly one"):
+        idx.add("neither")
+    with pytest.raises(QueryError, match="NaN"):
+        idx.add("nan", embedding=np.full(idx.model.dim, np.nan))
+    with pytest.raises(QueryError, match="zeros"):
+        idx.add("zero", embedding=np.zeros(idx.model.dim))
+    with pytest.raises(QueryError, match="key"):
+        idx.add("a/b", embedding=np.ones(idx.model.dim))
+    with pytest.raises(QueryError, match="collection"):
+        idx.add("c", embedding=np.ones(idx.model.dim), collection="x'; DROP TABLE images; --")
+    with pytest.raises(QueryError, match="label"):
+        idx.add("l", embedding=np.ones(idx.model.dim), labels=["bad\x00label"])
+    with pytest.raises(QueryError, match="Cannot add"):
+        idx.add("junk", image=b"not an image")
+    with pytest.raises(QueryError, match="empty"):
+        idx.add("empty", image=b"")
+    with pytest.raises(QueryError, match="no such image"):
+        idx.add("missing", image=str(pictures[0]["path"]) + ".missing")
+    with pytest.raises(QueryError, match="date"):
+        idx.add("when", embedding=np.ones(idx.model.dim), taken_at="yesterday")
+    assert idx.store.counts()["images"] == count and idx.store.max_seq() == seq
+    assert idx.get("fine") is None and idx.get("wrong") is None
+    with Index.open(idx.store.dir, device="cpu", models=models) as reader:
+        assert not reader.writable
+        for write in (
+            lambda: reader.add("x", embedding=np.ones(reader.model.dim)),
+            lambda: reader.add_many([]),
+            lambda: reader.remove("ok"),
+            lambda: reader.remove_many(["ok"]),
+            reader.compact,
+        ):
+            with pytest.raises(QueryError, match="writable=True"):
+                write()
+    assert idx.get("ok") is not None
+
+
+def test_create_refuses_another_model_and_reopens_the_same(tmp_path: Path, models: ModelCache) -> None:
+    from ruclip_search.errors import ModelMismatchError
+
+    with Index.create(tmp_path / "i", model=str(TINY_MODEL), device="cpu", models=models) as index:
+        index.add("k", embedding=np.ones(index.model.dim))
+    with Index.create(tmp_path / "i", model=str(TINY_MODEL), device="cpu", models=models) as again:
+        assert again.writable and again.get("k") is not None
+    with pytest.raises(ModelMismatchError, match="another folder"):
+        Index.create(tmp_path / "i", model="ruclip-vit-base-patch32-224", device="cpu", models=models)
+
+
+# -- compaction --------------------------------------------------------------------------------------
+def test_compaction_folds_the_segment_into_the_faiss_file(idx: Index, pictures: list[dict]) -> None:
+    add_pictures(idx, pictures)
+    idx.remove_many(["p0", "p5"])
+    before = {q: [(h.id, round(h.score, 5)) for h in idx.search(q, k=20)] for q in QUERIES}
+    old_file = idx.store.faiss_path()
+    info = idx.compact()
+    assert info["n"] == 46 and info["folded"] == 48
+    assert idx.store.faiss_path() != old_file and idx.store.faiss_path().exists() and not old_file.exists()
+    state = idx._state
+    assert state.faiss.ntotal == 46 and state.segment.size == 0 and len(state.segment.ids) == 0
+    assert idx.info()["faiss_seq"] == idx.store.max_seq()
+    assert {q: [(h.id, round(h.score, 5)) for h in idx.search(q, k=20)] for q in QUERIES} == before
+
+
+def test_background_compaction_above_segment_max(idx: Index, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(defaults, "SEGMENT_MAX", 20)
+    rng = np.random.default_rng(3)
+    idx.add_many({"key": f"v{i}", "embedding": rng.normal(size=idx.model.dim)} for i in range(30))
+    compactor = idx._compactor
+    assert compactor is not None
+    compactor.join(30)
+    assert idx.compact_error is None and idx._state.faiss.ntotal >= 21 and idx._state.segment.size <= 9
+    query = rng.normal(size=idx.model.dim).astype(np.float32)
+    query /= np.linalg.norm(query)
+    assert [(h.id) for h in idx.search(query, k=30)] == [i for i, _ in exact(idx, query, 30)]
+
+
+# -- folder builds -----------------------------------------------------------------------------------
+def test_a_folder_builds_batches_are_visible_before_its_faiss_rewrite(tmp_path: Path, models: ModelCache) -> None:
+    from ruclip_search.indexer import build
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_photos(first, 6, size=64)
+    make_photos(second, 12, size=64, seed=60)
+    build(first, index=tmp_path / "index", model=str(TINY_MODEL), workers=0, device="cpu")
+    seen: list[tuple[str, int, int]] = []
+    with Index.open(tmp_path / "index", device="cpu", models=models) as index:
+        version = index.version
+        index.search("синий круг")
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            if stage == "encode" or (stage == "index" and done == 0):
+                time.sleep(0.6)
+                hits = index.search("синий круг", k=50, under=second)
+                seen.append((stage, len(hits), index.version))
+
+        build([first, second], index=tmp_path / "index", batch_size=4, workers=0, device="cpu", progress=progress)
+        assert seen[0] == ("encode", 4, version)  # the first batch of 4, committed, FAISS file not yet rewritten
+        assert seen[-1] == ("index", 12, version)  # every batch, before the FAISS rewrite
+        assert_exact(index, "красный квадрат", k=18)
+
+
+# -- an approximate FAISS file under the tombstones ----------------------------------------------------
+def test_ann_main_index_never_returns_deleted_or_stale_ids(idx: Index) -> None:
+    from ruclip_search.indexer import reindex
+
+    dim = idx.model.dim
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(20, dim))
+    vecs = centres[rng.integers(20, size=2000)] + rng.normal(scale=0.3, size=(2000, dim))
+    idx.add_many({"key": f"v{i}", "embedding": v, "labels": ["odd" if i % 2 else "even"]} for i, v in enumerate(vecs))
+    assert reindex(idx.store.dir, "ivf")["type"] == "ivf"
+    assert idx.refresh() is True and idx._state.index_type == "ivf" and idx._state.segment.size == 0
+    queries = centres[:10] / np.linalg.norm(centres[:10], axis=1, keepdims=True)
+
+    def check(deleted: set[int], stale: set[int]) -> None:
+        for q in queries:
+            for filters in ({}, {"labels": ["odd"]}):
+                hits = idx.search(q, k=50, **filters)
+                # filtered: exact fallback when the probed lists ran short; unfiltered: ANN recall only
+                assert len(hits) == 50 if filters else len(hits) >= 30
+                ids = {h.id for h in hits}
+                assert not ids & deleted
+                # a replaced id, when it shows up, has its new vector's score (never the stale one)
+                for h in hits:
+                    if h.id in stale:
+                        assert h.score == pytest.approx(float(idx.store.get_embeddings([h.id])[0] @ q), abs=1e-4)
+
+    # few tombstones (dropped from an enlarged result list), then many (excluded by an id selector)
+    top = idx.search(queries[0], k=20)[:10]
+    assert idx.remove_many([h.key for h in top]) == 10 and len(idx._state.segment.tombs) == 10
+    check({h.id for h in top}, set())
+    many = [h.key for h in idx.search(queries[1], k=300)] + [h.key for h in idx.search(queries[2], k=300)]
+    replaced = many[:40]
+    removed = many[40:]
+    removed_ids = {idx.get(k).id for k in removed}
+    idx.add_many({"key": k, "embedding": rng.normal(size=dim)} for k in replaced)
+    stale = {idx.get(k).id for k in replaced}
+    assert idx.remove_many(removed) == len(removed) and len(idx._state.segment.tombs) > 256
+    check(removed_ids, stale)
+    for k in removed[:5]:
+        assert idx.get(k) is None
+
+
+def test_add_from_a_file_like_source(idx: Index, pictures: list[dict]) -> None:
+    """bytes-like (bytearray, memoryview) are accepted; an unsupported type is a clear QueryError."""
+    data = Path(pictures[0]["path"]).read_bytes()
+    assert idx.add("ba", image=bytearray(data)).format == "JPEG"
+    assert idx.add("mv", image=memoryview(data)).format == "JPEG"
+    with pytest.raises(QueryError, match="bytes, a path or a PIL image"):
+        idx.add("io", image=io.BytesIO(data))
