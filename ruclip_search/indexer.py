@@ -516,6 +516,13 @@ def _rebuild(live: Store, report: BuildReport, roots: list[str], opts: _Options)
     the meta (model, dim, faiss_file, index_version) together. A killed or failed rebuild leaves the index as
     it was, and running the rebuild again resumes the staged one where it stopped (same model).
     """
+    fileless = live.count_fileless()
+    if fileless:  # their pixels were never kept: a rebuild would drop them for good
+        raise RuclipSearchError(
+            f"Index {str(live.dir)!r} holds {fileless} photos written through the API without a file on disk, "
+            "which a rebuild cannot re-encode: re-add them with the new model into a new index "
+            "(`ruclip-index create`), or remove them first."
+        )
     _clean_stale_files(live)
     name = model_key(opts.model) if opts.model is not None else (live.model_name or defaults.MODEL)
     staged = _open_staging(live.dir / STAGING_DIR, name)

@@ -773,6 +773,11 @@ class Store:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim or 0), dtype=np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def count_fileless(self) -> int:
+        """Photos written through the API without a file under a root (a rebuild cannot re-encode them)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(images_table.c.root_id.is_(None))).scalar_one())
+
     def counts(self) -> dict[str, int]:
         """images (embedded), errors."""
         with self.engine.connect() as conn:

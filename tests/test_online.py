@@ -345,3 +345,18 @@ def test_add_from_a_file_like_source(idx: Index, pictures: list[dict]) -> None:
     assert idx.add("mv", image=memoryview(data)).format == "JPEG"
     with pytest.raises(QueryError, match="bytes, a path or a PIL image"):
         idx.add("io", image=io.BytesIO(data))
+
+
+def test_rebuild_refuses_to_drop_photos_written_through_the_api(
+    idx: Index, pictures: list[dict], tmp_path: Path
+) -> None:
+    """A --rebuild replaces every row with what it finds in folders: API photos would be lost without a word."""
+    from ruclip_search.errors import RuclipSearchError
+    from ruclip_search.indexer import build
+
+    idx.add("app-1", embedding=np.ones(idx.model.dim, dtype=np.float32), collection="alice")
+    folder = tmp_path / "folder"
+    make_photos(folder, 2)
+    with pytest.raises(RuclipSearchError, match="cannot re-encode"):
+        build(folder, index=idx.store.dir, workers=0, device="cpu", rebuild=True)
+    assert idx.get("app-1") is not None and idx.store.count_fileless() == 1
