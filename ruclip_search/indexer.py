@@ -6,12 +6,13 @@ transaction; the FAISS file is replaced atomically), and never stopped by one ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -280,15 +281,27 @@ def build(
     report = BuildReport(index=str(index_dir))
     opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, index_type,
                     progress)  # fmt: skip
+    with _writer(index_dir) as store:
+        if rebuild:
+            _rebuild(store, report, roots, opts)
+        else:
+            _run(store, report, roots, opts)
+    return _timed(report, t0)
+
+
+@contextlib.contextmanager
+def _writer(index_dir: str | os.PathLike[str]) -> Iterator[Store]:
+    """The index's write lock and a writable store (created if new), for one build or sync."""
     with IndexLock(index_dir, create=True):
         store = Store.create(index_dir)
         try:
-            if rebuild:
-                _rebuild(store, report, roots, opts)
-            else:
-                _run(store, report, roots, opts)
+            yield store
         finally:
             store.close()
+
+
+def _timed(report: BuildReport, t0: float) -> BuildReport:
+    """Fill in the report's duration and speed (files added, updated, moved or failed per second)."""
     report.seconds = round(time.perf_counter() - t0, 3)
     work = report.added + report.updated + report.moved + report.failed
     report.images_per_s = round(work / report.seconds, 2) if report.seconds > 0 else 0.0
@@ -327,16 +340,9 @@ def sync_paths(
     report = BuildReport(index=os.fspath(index))
     opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, None, progress,
                     decoder)  # fmt: skip
-    with IndexLock(index, create=True):
-        store = Store.create(index)
-        try:
-            _run(store, report, sorted(scope), opts, scope=scope, write_index=write_index)
-        finally:
-            store.close()
-    report.seconds = round(time.perf_counter() - t0, 3)
-    work = report.added + report.updated + report.moved + report.failed
-    report.images_per_s = round(work / report.seconds, 2) if report.seconds > 0 else 0.0
-    return report
+    with _writer(index) as store:
+        _run(store, report, sorted(scope), opts, scope=scope, write_index=write_index)
+    return _timed(report, t0)
 
 
 def _scope(roots: list[str], paths: Iterable[str | os.PathLike[str]]) -> dict[str, list[str]]:
