@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,17 @@ class Events:
             return [e for e in self.items if e.kind == "batch"]
 
 
+@contextmanager
+def started(photos: Path, index: Path, events: Events | None = None) -> Iterator[Watcher]:
+    """A started watcher of `photos` with the stand-in model, stopped on the way out."""
+    watcher = Watcher([photos], index, model=StandInModel(), workers=0, on_event=events)
+    watcher.start()
+    try:
+        yield watcher
+    finally:
+        watcher.stop()
+
+
 @pytest.fixture
 def watched(tmp_path: Path) -> Iterator[tuple[Path, Path, Events, Watcher]]:
     """(photos folder with 3 photos, index, events, a started watcher with the stand-in model)."""
@@ -94,12 +106,8 @@ def watched(tmp_path: Path) -> Iterator[tuple[Path, Path, Events, Watcher]]:
     make_photos(photos, n=3)
     index = tmp_path / "idx"
     events = Events()
-    watcher = Watcher([photos], index, model=StandInModel(), workers=0, on_event=events)
-    watcher.start()
-    try:
+    with started(photos, index, events) as watcher:
         yield photos, index, events, watcher
-    finally:
-        watcher.stop()
     assert watcher._thread is not None and not watcher._thread.is_alive()
 
 
@@ -200,16 +208,12 @@ def test_restart_catches_up(tmp_path: Path) -> None:
     paths[0].unlink()
     paths[1].rename(photos / "moved.jpg")
     events = Events()
-    watcher = Watcher([photos], index, model=StandInModel(), workers=0, on_event=events)
-    watcher.start()
-    try:
+    with started(photos, index, events):
         ready = events.items[0]
         assert ready.kind == "ready"
         r = ready.report
         assert (r.added, r.removed, r.moved, r.unchanged) == (1, 1, 1, 2)
         wait_until(lambda: set(indexed(index)) == {str(p) for p in photos.iterdir()}, timeout=LIMIT)
-    finally:
-        watcher.stop()
 
 
 def test_sync_paths_touches_only_the_given_paths(tmp_path: Path) -> None:
@@ -276,10 +280,7 @@ def test_watcher_compacts_when_idle(tmp_path: Path, monkeypatch) -> None:
     photos = tmp_path / "photos"
     make_photos(photos, n=2)
     index = tmp_path / "idx"
-    events = Events()
-    watcher = Watcher([photos], index, model=StandInModel(), workers=0, on_event=events)
-    watcher.start()
-    try:
+    with started(photos, index, Events()):
         before = faiss_meta(index)
         new = photos / "new.jpg"
         new.write_bytes(photo_bytes(tmp_path, 75))
@@ -287,8 +288,6 @@ def test_watcher_compacts_when_idle(tmp_path: Path, monkeypatch) -> None:
         assert faiss_meta(index) == before  # searchable without a FAISS rewrite
         wait_until(lambda: faiss_meta(index)[1] == "3", timeout=5)  # compacted once idle
         assert int(faiss_meta(index)[0]) == int(before[0]) + 1
-    finally:
-        watcher.stop()
 
 
 @pytest.mark.subprocess
