@@ -55,10 +55,18 @@ images_table = sa.Table(
     sa.Column("embedding", sa.LargeBinary),
     sa.Column("key", sa.Text),  # the application's id of a photo put through the API (NULL for folder files)
     sa.Column("collection", sa.Text),
+    # m004 (media): NULL for a photo, "video", or "frame": a sampled frame of the video `parent_id`, at `t` s
+    sa.Column("media", sa.Text),
+    sa.Column("parent_id", sa.Integer),
+    sa.Column("t", sa.REAL),  # a frame's time in its video; a video's own embedding is its frame at `t`
+    sa.Column("duration", sa.REAL),  # a video's length in seconds
+    sa.Column("raw_name", sa.LargeBinary),  # file name of the RAW of a RAW+JPEG pair (same folder and stem)
+    sa.Column("live_name", sa.LargeBinary),  # file name of the video of a Live Photo (same folder and stem)
     sa.UniqueConstraint("root_id", "relpath"),
     sa.Index("ix_images_content_hash", "content_hash"),
     sa.Index("ix_images_key", "key", unique=True),
     sa.Index("ix_images_collection", "collection", "id", sqlite_where=sa.text("embedding IS NOT NULL")),
+    sa.Index("ix_images_parent", "parent_id", sqlite_where=sa.text("parent_id IS NOT NULL")),
     sqlite_autoincrement=True,  # ids are FAISS ids: never reuse the id of a deleted row
 )
 labels_table = sa.Table(
@@ -149,6 +157,19 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
             "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, image_id INTEGER NOT NULL)",
         ],
     ),
+    (
+        # Videos (a row per video, one per sampled frame below it), RAW+JPEG pairs and Live Photos.
+        "m004_media",
+        [
+            "ALTER TABLE images ADD COLUMN media TEXT",
+            "ALTER TABLE images ADD COLUMN parent_id INTEGER",
+            "ALTER TABLE images ADD COLUMN t REAL",
+            "ALTER TABLE images ADD COLUMN duration REAL",
+            "ALTER TABLE images ADD COLUMN raw_name BLOB",
+            "ALTER TABLE images ADD COLUMN live_name BLOB",
+            "CREATE INDEX ix_images_parent ON images (parent_id) WHERE parent_id IS NOT NULL",
+        ],
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -196,6 +217,8 @@ class ScanRow(NamedTuple):
     content_hash: bytes | None
     has_embedding: bool
     has_error: bool
+    raw_name: bytes | None = None  # the pair's RAW file, if any
+    live_name: bytes | None = None  # the Live Photo's video, if any
 
 
 class StoredContent(NamedTuple):
@@ -218,6 +241,11 @@ class ImageWrite:
     embedding: bytes | None = None
     error: str | None = None
     indexed_at: float | None = None  # None: now
+    media: str | None = None  # None (a photo) or "video"
+    t: float | None = None  # a video: the time of the frame whose embedding is the row's own
+    duration: float | None = None
+    raw_name: bytes | None = None
+    live_name: bytes | None = None
 
     def values(self) -> dict[str, Any]:
         """Column -> value for an INSERT or UPDATE."""
@@ -227,6 +255,8 @@ class ImageWrite:
             "content_hash": self.content_hash, "embedding": self.embedding, "error": self.error,
             "indexed_at": time.time() if self.indexed_at is None else self.indexed_at,
             **{c: getattr(meta, c) if meta is not None else None for c in META_COLUMNS},
+            "media": self.media, "t": self.t, "duration": self.duration, "raw_name": self.raw_name,
+            "live_name": self.live_name,
         }  # fmt: skip
 
 
@@ -292,6 +322,12 @@ class ImageRecord:
     key: str | None = None
     collection: str | None = None
     labels: tuple[str, ...] = ()
+    media: str | None = None  # None: a photo; "video"; "frame" (a video's sampled frame, never listed)
+    parent_id: int | None = None  # a frame's video
+    t: float | None = None  # a frame's time in its video (a video's: that of its own embedding's frame)
+    duration: float | None = None  # a video's length in seconds
+    raw_path: str | None = None  # absolute path of the RAW file of a RAW+JPEG pair
+    live_path: str | None = None  # absolute path of the video of a Live Photo
 
 
 def _record_columns() -> list[Any]:
@@ -557,12 +593,16 @@ class Store:
     def _record(self, row: sa.Row[Any], roots: dict[int, str]) -> ImageRecord:
         if row.root_id is None:  # a photo put by key, with no file
             root = rel = path = ""
+            raw_path = live_path = None
         else:
             if row.root_id not in roots:  # a build added this root after `roots` was read (another snapshot)
                 roots.update(self.roots())
             root = roots[row.root_id]
             rel = os.fsdecode(row.relpath)
             path = os.path.join(root, rel)
+            folder = os.path.dirname(path)
+            raw_path = os.path.join(folder, os.fsdecode(row.raw_name)) if row.raw_name else None
+            live_path = os.path.join(folder, os.fsdecode(row.live_name)) if row.live_name else None
         return ImageRecord(
             row.id,
             path,
@@ -581,6 +621,12 @@ class Store:
             row.key,
             row.collection,
             tuple(sorted(row.labels.split(_LABEL_SEP))) if row.labels else (),
+            media=row.media,
+            parent_id=row.parent_id,
+            t=row._mapping["t"],
+            duration=row.duration,
+            raw_path=raw_path,
+            live_path=live_path,
         )
 
     def get_images(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
@@ -668,7 +714,7 @@ class Store:
     def iter_images(self, *, errors: bool | None = None) -> Iterator[ImageRecord]:
         """All records in id order; errors=True only failed files, False only indexed ones."""
         cols = _record_columns()
-        query = sa.select(*cols).order_by(images_table.c.id)
+        query = sa.select(*cols).where(images_table.c.parent_id.is_(None)).order_by(images_table.c.id)
         if errors is True:
             query = query.where(images_table.c.error.is_not(None))
         elif errors is False:
@@ -701,12 +747,34 @@ class Store:
                     sa.select(labels_table.c.image_id).where(labels_table.c.label.in_(sorted(filters.labels)))
                 )
             )
+        if filters.media is not None:  # frame rows carry no metadata: they pass with their video, below
+            conds.append(
+                images_table.c.media == "video" if filters.media == "video" else images_table.c.media.is_(None)
+            )
         with self.engine.connect() as conn:
             if filters.under is not None:
                 conds.append(self._under_clause(filters.under, self._read_roots(conn)))
             query = sa.select(images_table.c.id).where(images_table.c.embedding.is_not(None), *conds)
             ids = np.fromiter((r[0] for r in conn.execute(query)), dtype=np.int64)
+            if filters.media != "photo" and self._has_frames(conn):
+                videos = query.where(images_table.c.media == "video").scalar_subquery()
+                frames = sa.select(images_table.c.id).where(images_table.c.parent_id.in_(videos))
+                ids = np.concatenate([ids, np.fromiter((r[0] for r in conn.execute(frames)), dtype=np.int64)])
         return np.sort(ids)
+
+    @staticmethod
+    def _has_frames(conn: sa.Connection) -> bool:
+        query = sa.select(images_table.c.id).where(images_table.c.parent_id.is_not(None)).limit(1)
+        return conn.execute(query).first() is not None
+
+    def has_videos(self) -> bool:
+        """Whether any video frame is stored (only then does a search collapse frame hits to their video)."""
+        with self.engine.connect() as conn:
+            return (
+                self._has_frames(conn)
+                or conn.execute(sa.select(images_table.c.id).where(images_table.c.media == "video").limit(1)).first()
+                is not None
+            )
 
     @staticmethod
     def _under_clause(path: str, roots: dict[int, str]) -> Any:
@@ -746,19 +814,23 @@ class Store:
             raise KeyError(missing[0])
         return decode_embeddings([found[int(i)] for i in ids], dim)
 
-    def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All stored embeddings in id order, as (ids int64, vectors float32) chunks."""
+    def iter_embeddings(self, batch: int = 50_000, *, frames: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All stored embeddings in id order, as (ids int64, vectors float32) chunks; `frames=False` leaves out
+        the extra frames of videos (one vector per photo or video: duplicates, classify)."""
         dim = self.dim or 0
         with self.engine.connect() as conn:
-            yield from self._iter_embeddings(conn, dim, batch)
+            yield from self._iter_embeddings(conn, dim, batch, frames=frames)
 
     @staticmethod
-    def _iter_embeddings(conn: sa.Connection, dim: int, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _iter_embeddings(
+        conn: sa.Connection, dim: int, batch: int = 50_000, *, frames: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         last = -1
+        conds = [] if frames else [images_table.c.parent_id.is_(None)]
         while True:
             rows = conn.execute(
                 sa.select(images_table.c.id, images_table.c.embedding)
-                .where(images_table.c.embedding.is_not(None), images_table.c.id > last)
+                .where(images_table.c.embedding.is_not(None), images_table.c.id > last, *conds)
                 .order_by(images_table.c.id)
                 .limit(batch)
             ).all()
@@ -768,9 +840,9 @@ class Store:
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             yield ids, decode_embeddings([r[1] for r in rows], dim)
 
-    def all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of every embedded image, for (re)building the FAISS index."""
-        parts = list(self.iter_embeddings())
+    def all_embeddings(self, *, frames: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of every embedded image (`frames=False`: not the extra frames of videos)."""
+        parts = list(self.iter_embeddings(frames=frames))
         if not parts:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim or 0), dtype=np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -778,16 +850,25 @@ class Store:
     def count_fileless(self) -> int:
         """Photos written through the API without a file under a root (a rebuild cannot re-encode them)."""
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).where(images_table.c.root_id.is_(None))).scalar_one())
+            return int(conn.execute(sa.select(sa.func.count()).where(
+                images_table.c.root_id.is_(None), images_table.c.parent_id.is_(None)
+            )).scalar_one())  # fmt: skip
 
     def counts(self) -> dict[str, int]:
-        """images (embedded), errors."""
+        """images (embedded photos and videos, not their frames), errors, and of the images: videos, RAW+JPEG
+        pairs, Live Photos."""
+        c = images_table.c
         with self.engine.connect() as conn:
-            embedded = conn.execute(
-                sa.select(sa.func.count()).where(images_table.c.embedding.is_not(None))
-            ).scalar_one()
-            errors = conn.execute(sa.select(sa.func.count()).where(images_table.c.error.is_not(None))).scalar_one()
-        return {"images": int(embedded), "errors": int(errors)}
+            row = conn.execute(
+                sa.select(
+                    sa.func.count(),
+                    sa.func.coalesce(sa.func.sum(sa.case((c.media == "video", 1), else_=0)), 0),
+                    sa.func.count(c.raw_name), sa.func.count(c.live_name),
+                ).where(c.embedding.is_not(None), c.parent_id.is_(None))
+            ).one()  # fmt: skip
+            errors = conn.execute(sa.select(sa.func.count()).where(c.error.is_not(None))).scalar_one()
+        return {"images": int(row[0]), "errors": int(errors), "videos": int(row[1]), "raw_pairs": int(row[2]),
+                "live_photos": int(row[3])}  # fmt: skip
 
     def info(self) -> dict[str, Any]:
         """Summary for `ruclip-index info`: counts, model, index type, dim, recall, size on disk."""
@@ -827,7 +908,7 @@ class Store:
         c = images_table.c
         query = sa.select(
             c.root_id, c.relpath, c.id, c.size, c.mtime_ns, c.content_hash,
-            c.embedding.is_not(None), c.error.is_not(None),
+            c.embedding.is_not(None), c.error.is_not(None), c.raw_name, c.live_name,
         ).where(c.root_id.is_not(None))  # fmt: skip
         if under is None:
             chunks: list[Any] = [query]
@@ -842,7 +923,7 @@ class Store:
             chunks = [query.where(sa.or_(*conds[i : i + 200])) for i in range(0, len(conds), 200)]
         with self.engine.connect() as conn:
             return {
-                (r[0], r[1]): ScanRow(r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7]))
+                (r[0], r[1]): ScanRow(r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7]), r[8], r[9])
                 for q in chunks
                 for r in conn.execute(q)
             }
@@ -861,7 +942,11 @@ class Store:
         meta_cols = [images_table.c[name] for name in META_COLUMNS]
         row = conn.execute(
             sa.select(images_table.c.embedding, *meta_cols)
-            .where(images_table.c.content_hash == content_hash, images_table.c.embedding.is_not(None))
+            .where(
+                images_table.c.content_hash == content_hash,
+                images_table.c.embedding.is_not(None),
+                images_table.c.media.is_(None),  # a video's frames are not copied: its copies are decoded
+            )
             .limit(1)
         ).first()
         return StoredContent(row[0], ImageMeta(*row[1:])) if row is not None else None
@@ -915,7 +1000,41 @@ class Store:
             return image_id
         conn.execute(sa.update(images_table).where(images_table.c.id == image_id).values(**values))
         cls.log_changes(conn, [image_id])
+        cls.delete_images(conn, cls._frames_of(conn, [image_id]))  # a replaced video's frames go with it
         return image_id
+
+    @staticmethod
+    def _frames_of(conn: sa.Connection, ids: Sequence[int]) -> list[int]:
+        """Ids of the frame rows of these videos."""
+        out: list[int] = []
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start : start + 500]]
+            query = sa.select(images_table.c.id).where(images_table.c.parent_id.in_(chunk))
+            out += [int(r[0]) for r in conn.execute(query)]
+        return out
+
+    @classmethod
+    def put_frames(cls, conn: sa.Connection, video_id: int, frames: Sequence[tuple[float, bytes]]) -> list[int]:
+        """Insert a frame row (time, float16 embedding) per sampled frame of video `video_id`; returns their ids.
+
+        Frame rows have no file, key or metadata: they are found through `parent_id` and hidden from listings,
+        counts and duplicates; a search maps a frame hit to its video."""
+        ids = [
+            int(conn.execute(sa.insert(images_table).values(
+                media="frame", parent_id=int(video_id), t=float(t), embedding=emb, size=0, mtime_ns=0,
+                indexed_at=time.time(),
+            )).inserted_primary_key[0])
+            for t, emb in frames
+        ]  # fmt: skip
+        cls.log_changes(conn, ids)
+        return ids
+
+    @staticmethod
+    def set_companions(conn: sa.Connection, image_id: int, raw_name: bytes | None, live_name: bytes | None) -> None:
+        """Record the RAW file of a RAW+JPEG pair and the video of a Live Photo (file names beside the photo)."""
+        conn.execute(
+            sa.update(images_table).where(images_table.c.id == image_id).values(raw_name=raw_name, live_name=live_name)
+        )
 
     def put_photos(self, writes: Sequence[PhotoWrite]) -> list[int]:
         """In ONE transaction, insert each photo, or replace the row with its key (keeping its id) and its
@@ -1044,8 +1163,9 @@ class Store:
 
     @classmethod
     def delete_images(cls, conn: sa.Connection, ids: Iterable[int]) -> None:
-        """Delete rows (their labels go with them) and log the changes."""
+        """Delete rows (their labels, and a video's frame rows, go with them) and log the changes."""
         ids = [int(i) for i in ids]
+        ids += cls._frames_of(conn, ids)
         for start in range(0, len(ids), 500):
             conn.execute(sa.delete(images_table).where(images_table.c.id.in_(ids[start : start + 500])))
         cls.log_changes(conn, ids)
