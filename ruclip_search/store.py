@@ -1243,7 +1243,7 @@ class Store:
                 conn.execute(sa.text("DETACH DATABASE staged"))
                 conn.commit()
 
-    def copy_into(self, dest: Store, chunk: int = COPY_CHUNK, progress: Callable[[str, int], None] | None = None
+    def copy_into(self, dest: Store, chunk: int | None = None, progress: Callable[[str, int], None] | None = None
                   ) -> dict[str, int]:  # fmt: skip
         """Copy this whole index (rows with their ids, labels, change log, meta) into `dest`, whose database
         must hold no index yet: `ruclip-index migrate` between SQLite and PostgreSQL.
@@ -1262,6 +1262,7 @@ class Store:
                 f"The database {dest.where} already holds an index ({taken} images): migrate into an empty one."
             )
         counts: dict[str, int] = {}
+        chunk = chunk or COPY_CHUNK
         try:
             with self._snapshot() as src, dest.engine.begin() as dst:
                 dest._serialise_writers(dst)
