@@ -34,6 +34,10 @@ class Served:
         self._next = 0.0
         self._lock = threading.Lock()
 
+    def refresh_due(self) -> bool:
+        """Whether `maybe_refresh` would look for a new version now (cheap: no I/O)."""
+        return time.monotonic() >= self._next
+
     def maybe_refresh(self) -> None:
         """Pick up a finished build (at most every `interval` seconds; a failed check keeps the old version)."""
         now = time.monotonic()
@@ -149,7 +153,7 @@ def _unique_names(indexes: Sequence[Any]) -> list[str]:
     return names
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
     """FastAPI dependency: the app's ServerState."""
     return request.app.state.server
 
