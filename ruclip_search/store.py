@@ -1142,6 +1142,7 @@ class Store:
         """`log_changes`, returning the seqs given, in order."""
         if not ids:
             return []
+        Store._serialise_writers(conn)  # held already in `transaction()`; a no-op then
         stmt = sa.insert(changes_table).returning(changes_table.c.seq, sort_by_parameter_order=True)
         return [int(r[0]) for r in conn.execute(stmt, [{"image_id": int(i)} for i in ids])]
 
