@@ -28,7 +28,8 @@ def _av() -> Any:
         import av
     except ImportError:
         raise missing_extra("av", "a video file") from None
-    av.logging.set_level(av.logging.PANIC)  # FFmpeg's own messages on stderr are noise next to ours
+    # No av.logging.set_level: it routes FFmpeg's messages through a Python callback, and a decoder thread
+    # waiting for the GIL to log while the main thread waits for it in seek() deadlocked a test (PyAV 18).
     return av
 
 
@@ -43,8 +44,7 @@ def _open(path: str | os.PathLike[str]) -> tuple[Any, Any, Any]:
     if not container.streams.video:
         container.close()
         raise ImageError("no video stream in this file")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    stream = container.streams.video[0]  # FFmpeg's default threading: a decoding worker is one core already
     return av, container, stream
 
 

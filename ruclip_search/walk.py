@@ -93,8 +93,17 @@ def walk_paths(
             continue  # walk does not enter a linked folder unless told to
         try:
             st = os.stat(path) if follow_symlinks else os.lstat(path)
-        except OSError:
-            continue  # gone (deleted or moved away)
+        except OSError:  # gone (deleted or moved away); if it was a pair's RAW or video, its still is alone now
+            still = _still_beside(os.path.dirname(path), parts[-1])
+            if still is not None:
+                owner, raw_name, live_name = _pair_in_folder(os.path.dirname(path), still, media.PHOTO)
+                rel = os.path.join(os.path.dirname(rel), owner) if os.path.dirname(rel) else owner
+                try:
+                    st = os.stat(os.path.join(root, rel))
+                except OSError:
+                    continue
+                yield FileEntry(root, rel, st.st_size, st.st_mtime_ns, raw_name, live_name)
+            continue
         if stat.S_ISDIR(st.st_mode):
             folders.append(rel)
             continue
@@ -210,6 +219,16 @@ def _paired(files: list[tuple[str, str, str, os.stat_result]]) -> Iterator[tuple
             continue
         raw, live = pairs.get(name, (None, None))
         yield name, rel, raw, live, fst
+
+
+def _still_beside(folder: str, name: str) -> str | None:
+    """The still (JPEG, HEIC...) with the same stem as `name` in `folder`, if any."""
+    stem = _stem(name)
+    try:
+        names = sorted(n for n in os.listdir(folder) if _stem(n) == stem and n != name and not n.startswith("."))
+    except OSError:
+        return None
+    return next((n for n in names if os.path.splitext(n)[1].lower() in media.STILL_EXTENSIONS), None)
 
 
 def _pair_in_folder(folder: str, name: str, kind: str) -> tuple[str, str | None, str | None]:

@@ -107,9 +107,6 @@ def main() -> None:
         t0 = time.perf_counter()
         files = make_files(folder, args.small)
         print(f"made the files in {time.perf_counter() - t0:.0f} s\n")
-        import av
-
-        av.logging.set_level(av.logging.PANIC)
         jpeg_ms = None
         print(f"{'file':<28} {'MB':>7} {'ms/file':>9} {'x JPEG':>7} {'ms/min':>8} {'peak RSS MB':>12}")
         for name, path in files.items():

@@ -344,3 +344,24 @@ def test_m004_upgrades_an_index_in_place(tmp_path: Path) -> None:
         (record,) = store.iter_images()
         assert (record.media, record.t, record.raw_path, record.parent_id) == (None, None, None, None)
         assert store.counts() == {"images": 1, "errors": 0, "videos": 0, "raw_pairs": 0, "live_photos": 0}
+
+
+def test_sync_of_a_live_photos_video_links_it_to_the_still(tmp_path: Path, stand_in_model) -> None:
+    """The watcher's path: syncing just the MOV that arrives after its still updates the still's row."""
+    from ruclip_search.indexer import sync_paths
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    still = _jpeg(folder / "IMG_5.JPG", "синий треугольник")
+    index = tmp_path / "index"
+    build(folder, index=index, model=stand_in_model, workers=0)
+    mov = make_video(folder / "IMG_5.MOV", ["синий треугольник"], seconds_each=1)
+    report = sync_paths(index, [folder], [mov], model=stand_in_model)
+    assert (report.added, report.failed, report.encoded) == (0, 0, 0)
+    with Store.open(index) as store:
+        (record,) = store.iter_images()
+        assert record.path == str(still) and record.live_path == str(mov)
+    mov.unlink()
+    sync_paths(index, [folder], [mov], model=stand_in_model)
+    with Store.open(index) as store:
+        assert next(store.iter_images()).live_path is None
