@@ -110,9 +110,7 @@ def sample_frames(
             raise ImageError("out of memory decoding video") from None
         except Exception as exc:  # av.FFmpegError and its kin
             raise ImageError(_reason(exc)) from exc
-        if not frames:
-            raise ImageError("truncated or corrupt video: no frame could be decoded")
-        return frames, info
+        return frames, info  # never empty: the first sample either finds its keyframe or raises
     finally:
         container.close()
 

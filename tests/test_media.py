@@ -130,6 +130,9 @@ def test_video_decodes_a_bounded_number_of_frames(tmp_path: Path) -> None:
         av.container.InputContainer.decode = real
     assert len(decoded) <= 1 + 4 * 4  # the keyframe, then at most 4 frames for each later sample
     assert len(frames) >= 1
+    # with the default cap, later samples decode forward from that keyframe to their own time: new frames
+    times = [t for t, _ in video.sample_frames(path)[0]]
+    assert times[:2] == [0.0, pytest.approx(3.0, abs=0.15)] and len(set(times)) == len(times)
 
 
 def test_bad_videos_are_image_errors(tmp_path: Path) -> None:
