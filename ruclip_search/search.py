@@ -446,11 +446,12 @@ class Index:
         model: Any = defaults.MODEL,
         device: str = "auto",
         models: ModelCache | None = None,
+        db: str | None = None,
     ) -> Index:
         """An empty index bound to `model` (name, folder or loaded RuCLIP), opened writable, to add photos to.
 
         A folder that already holds an index with the same model is opened writable as it is; one with
-        another model raises ModelMismatchError.
+        another model raises ModelMismatchError. `db`: a PostgreSQL URL for the metadata (None: SQLite).
         """
         from .indexer import model_key, write_faiss
 
@@ -458,7 +459,7 @@ class Index:
         index_dir = Path(index_dir)
         text_model = None
         with IndexLock(index_dir, create=True):
-            store = Store.create(index_dir)
+            store = Store.create(index_dir, db=db)
             try:
                 stored = store.model_name
                 if stored and stored != name:
@@ -477,8 +478,9 @@ class Index:
                 store.close()
         pinned = model if not isinstance(model, (str, os.PathLike)) else None
         if text_model is not None and pinned is None:
-            return cls._open(index_dir, writable=True, device=device, models=models, text_model=(name, text_model))
-        return cls.open(index_dir, writable=True, model=pinned, device=device, models=models)
+            return cls._open(index_dir, writable=True, device=device, models=models, text_model=(name, text_model),
+                             db=db)  # fmt: skip
+        return cls.open(index_dir, writable=True, model=pinned, device=device, models=models, db=db)
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -490,20 +492,22 @@ class Index:
         model: Any = None,
         device: str = "auto",
         models: ModelCache | None = None,
+        db: str | None = None,
     ) -> Index:
         """Open an index: the text tower of its model, its FAISS file memory-mapped, the metadata database.
 
         `writable`: allow add/remove/compact (else they raise QueryError). `model`: None (the index's own
         model, followed across rebuilds by `refresh`), a name or folder, or an already loaded RuCLIP (both
         pin the model: `refresh` then refuses an index rebuilt with another one). `models`: a ModelCache to
-        take towers from, so that several indexes share one loaded model.
+        take towers from, so that several indexes share one loaded model. `db`: the PostgreSQL URL of an index
+        whose metadata lives there (`index_dir` holds its FAISS files); None: SQLite in `index_dir`.
         """
-        return cls._open(index_dir, writable=writable, model=model, device=device, models=models)
+        return cls._open(index_dir, writable=writable, model=model, device=device, models=models, db=db)
 
     @classmethod
     def _open(
         cls, index_dir: str | os.PathLike[str], *, writable: bool, model: Any = None, device: str = "auto",
-        models: ModelCache | None = None, text_model: tuple[str, Any] | None = None,
+        models: ModelCache | None = None, text_model: tuple[str, Any] | None = None, db: str | None = None,
     ) -> Index:  # fmt: skip
         from .registry import model_key
 
@@ -513,7 +517,7 @@ class Index:
                 f"No index at {os.fspath(index_dir)!r}: build one with `ruclip-index build PHOTOS_DIR`, "
                 "or pass the folder of an existing one with --index."
             )
-        store = Store.open(index_dir, readonly=not writable)
+        store = Store.open(index_dir, readonly=not writable, db=db)
         try:
             state = cls._load_state(store)
             stored = state.model_name
@@ -1146,7 +1150,7 @@ class Index:
         t0 = time.perf_counter()
         state = self._live_state()
         folded = state.segment.size if state.segment is not None else 0
-        with IndexLock(self.store.dir):
+        with IndexLock(self.store.dir, db=self.store.url):
             info = write_faiss(self.store)
         if info is None:
             raise QueryError(f"Index {str(self.store.dir)!r} has no model recorded yet: create it first.")

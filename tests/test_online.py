@@ -41,8 +41,8 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 
 @pytest.fixture
-def idx(tmp_path: Path, models: ModelCache):
-    index = Index.create(tmp_path / "index", model=str(TINY_MODEL), device="cpu", models=models)
+def idx(tmp_path: Path, models: ModelCache, db: str | None):
+    index = Index.create(tmp_path / "index", model=str(TINY_MODEL), device="cpu", models=models, db=db)
     yield index
     index.close()
 
@@ -111,7 +111,7 @@ def test_added_photos_are_searchable_at_once_in_exact_order(idx: Index, pictures
 
 def test_second_reader_sees_writes_within_a_second(idx: Index, pictures: list[dict], models: ModelCache) -> None:
     add_pictures(idx, pictures[:24])
-    with Index.open(idx.store.dir, device="cpu", models=models) as reader:
+    with Index.open(idx.store.dir, device="cpu", models=models, db=idx.store.url) as reader:
         before = [h.id for h in reader.search("жёлтый круг", k=5)]
         new = idx.add("new", image=draw("жёлтый круг", seed=123, size=64))
         time.sleep(0.6)
@@ -218,7 +218,7 @@ def test_bad_writes_store_nothing(idx: Index, pictures: list[dict], models: Mode
         idx.add("when", embedding=np.ones(idx.model.dim), taken_at="yesterday")
     assert idx.store.counts()["images"] == count and idx.store.max_seq() == seq
     assert idx.get("fine") is None and idx.get("wrong") is None
-    with Index.open(idx.store.dir, device="cpu", models=models) as reader:
+    with Index.open(idx.store.dir, device="cpu", models=models, db=idx.store.url) as reader:
         assert not reader.writable
         for write in (
             lambda: reader.add("x", embedding=np.ones(reader.model.dim)),
@@ -305,7 +305,7 @@ def test_ann_main_index_never_returns_deleted_or_stale_ids(idx: Index) -> None:
     centres = rng.normal(size=(20, dim))
     vecs = centres[rng.integers(20, size=2000)] + rng.normal(scale=0.3, size=(2000, dim))
     idx.add_many({"key": f"v{i}", "embedding": v, "labels": ["odd" if i % 2 else "even"]} for i, v in enumerate(vecs))
-    assert reindex(idx.store.dir, "ivf")["type"] == "ivf"
+    assert reindex(idx.store.dir, "ivf", db=idx.store.url)["type"] == "ivf"
     assert idx.refresh() is True and idx._state.index_type == "ivf" and idx._state.segment.size == 0
     queries = centres[:10] / np.linalg.norm(centres[:10], axis=1, keepdims=True)
 
@@ -358,7 +358,7 @@ def test_rebuild_refuses_to_drop_photos_written_through_the_api(
     folder = tmp_path / "folder"
     make_photos(folder, 2)
     with pytest.raises(RuclipSearchError, match="cannot re-encode"):
-        build(folder, index=idx.store.dir, workers=0, device="cpu", rebuild=True)
+        build(folder, index=idx.store.dir, workers=0, device="cpu", rebuild=True, db=idx.store.url)
     assert idx.get("app-1") is not None and idx.store.count_fileless() == 1
 
 
