@@ -31,7 +31,10 @@ from .loader import CHUNK, WORKER_DIED, FileMeta, Loaded, Loader, load_one
 from .store import Store
 
 INSTALL_HINT = "engine='ray' (--ray) needs Ray Data: pip install 'ruclip-search[ray]'"
-ACTOR_RETRIES = 4  # restarts of a dead encoder actor, and retries of its batch, before the block is dropped
+# Ray Data retries a dead task or actor for ever by default: a file that kills its decoder every time would
+# then stop the build. These bound the retries; a block that still fails is dropped and its files go again.
+TASK_RETRIES = 2  # re-runs of a decode task whose worker died
+ACTOR_RETRIES = 4  # restarts of a dead encoder actor, and retries of its batch
 
 
 def _ray() -> Any:
@@ -72,7 +75,10 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocessor: Any, max_pixels: i
     import torch
 
     torch.set_num_threads(1)  # one core per task: Ray schedules the tasks, not OpenMP
-    results: list[Loaded] = [loader(preprocessor, str(p), max_pixels) for p in batch["path"]]
+    try:
+        results: list[Loaded] = [loader(preprocessor, str(p), max_pixels) for p in batch["path"]]
+    except Exception as e:  # a bug, not a bad file (load_one never raises): the driver stops the build
+        return _fatal(batch, f"decoding failed: {type(e).__name__}: {e}")
     shape = next((r.pixels.shape for r in results if r.pixels is not None), (3, 1, 1))
     pixels = np.zeros((len(results), *shape), dtype=np.float32)  # a failed file's row stays zero
     for k, r in enumerate(results):
@@ -85,7 +91,17 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocessor: Any, max_pixels: i
         "digest": np.array([r.content_hash.hex() if r.content_hash else "" for r in results], dtype=object),
         "meta": np.array([json.dumps(asdict(r.meta)) if r.meta else "" for r in results], dtype=object),
         "error": np.array([r.error or "" for r in results], dtype=object),
+        "fatal": np.array([""] * len(results), dtype=object),
     }
+
+
+def _fatal(batch: dict[str, np.ndarray], why: str) -> dict[str, np.ndarray]:
+    """Rows that tell the driver to stop: an exception in our code on the cluster is a bug or a broken set-up
+    (a dying process is not: Ray retries it, see TASK_RETRIES), and must not pass as files that failed."""
+    n = len(batch["i"])
+    empty = np.array([""] * n, dtype=object)
+    return {"i": batch["i"], "ok": np.zeros(n, dtype=bool), "pixels": np.zeros((n, 3, 1, 1), dtype=np.float32),
+            "digest": empty, "meta": empty, "error": empty, "fatal": np.array([why] * n, dtype=object)}  # fmt: skip
 
 
 class _Encoder:
@@ -95,6 +111,10 @@ class _Encoder:
         import torch
 
         torch.set_num_threads(threads)
+        import ray
+
+        if isinstance(model, ray.ObjectRef):  # a loaded model the driver put in the object store
+            model = ray.get(model)
         if isinstance(model, (str, os.PathLike)):
             from .encoder import load_model
 
@@ -106,9 +126,12 @@ class _Encoder:
 
         ok = batch["ok"].astype(bool)
         emb = np.zeros((len(ok), self.model.dim), dtype=np.float32)
-        if ok.any():
-            emb[ok] = self.model.encode_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-        out = {k: batch[k] for k in ("i", "ok", "digest", "meta", "error")}
+        out = {k: batch[k] for k in ("i", "ok", "digest", "meta", "error", "fatal")}
+        try:
+            if ok.any():
+                emb[ok] = self.model.encode_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
+        except Exception as e:  # out of GPU memory, a broken model...: the driver stops the build
+            out["fatal"] = np.array([f"encoding failed: {type(e).__name__}: {e}"] * len(ok), dtype=object)
         out["embedding"] = emb
         return out
 
@@ -167,6 +190,7 @@ def _dataset(ray: Any, jobs: list[_Job], ids: list[int], spec: _Spec, model: Any
     blocks = max(1, min(len(items) // max(chunk, 1), 2000))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(_decode_batch, batch_size=chunk, batch_format="numpy", num_cpus=task_cpus,
+                        max_retries=TASK_RETRIES,
                         fn_kwargs={"preprocessor": spec.preprocessor, "max_pixels": opts.max_pixels,
                                    "loader": loader})  # fmt: skip
     return ds.map_batches(
@@ -174,6 +198,31 @@ def _dataset(ray: Any, jobs: list[_Job], ids: list[int], spec: _Spec, model: Any
         fn_constructor_kwargs={"model": model, "device": device, "threads": threads},
         max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES, **actor_args,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_deprecation() -> Iterator[None]:
+    """Ray 2.60 deprecates passing max_retries/max_restarts to map_batches but names no replacement yet."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        yield
+
+
+def _batches(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's output as it streams in; a failure of Ray itself (an actor that cannot start, a lost
+    cluster) becomes a RuclipSearchError (what was committed is kept)."""
+    from ray.exceptions import RayError
+
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except RayError as e:
+        first = str(e).strip().splitlines()[-1][:500] if str(e).strip() else type(e).__name__
+        raise RuclipSearchError(
+            f"The build on Ray failed ({type(e).__name__}: {first}); what was committed is kept: fix the "
+            "cause (the Ray logs under /tmp/ray on the nodes say more) and run the same command again."
+        ) from e
 
 
 def _meta(text: str) -> FileMeta | None:
@@ -202,8 +251,12 @@ def encode_on_ray(store: Store, report: BuildReport, model: Any, name: str, jobs
                 if not todo:
                     break
                 done = np.zeros(len(jobs), dtype=bool)
-                ds = _dataset(ray, jobs, todo, spec, model_ref, opts, b.batch_size, chunk, loader)
-                for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                with _quiet_deprecation():
+                    ds = _dataset(ray, jobs, todo, spec, model_ref, opts, b.batch_size, chunk, loader)
+                for out in _batches(ds):
+                    fatal = next((f for f in out["fatal"] if f), None)
+                    if fatal:
+                        raise RuclipSearchError(f"The build on Ray stopped: {fatal} (what was committed is kept).")
                     for k, i in enumerate(out["i"].tolist()):
                         done[i] = True
                         digest = bytes.fromhex(out["digest"][k]) if out["digest"][k] else None
