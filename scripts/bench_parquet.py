@@ -74,8 +74,10 @@ def run(folder: Path) -> None:
     out = {"index_db_mb": round((folder / "index.db").stat().st_size / 1e6)}
     out["export_parquet"] = child(f"export_index({str(folder)!r}, {str(work / 'pq')!r})")
     out["parquet_mb"] = round(sum(p.stat().st_size for p in (work / "pq").iterdir()) / 1e6)
-    out["export_clip_retrieval"] = child(f"export_index({str(folder)!r}, None, {str(work / 'cr')!r})")
     out["import"] = child(f"import_shards({str(work / 'imported')!r}, {str(work / 'pq')!r}, write_index=False)")
+    shutil.rmtree(work / "pq")  # one output on disk at a time (1M x 768 float32 is 3 GB)
+    shutil.rmtree(work / "imported")
+    out["export_clip_retrieval"] = child(f"export_index({str(folder)!r}, None, {str(work / 'cr')!r})")
     print(json.dumps(out, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
