@@ -225,6 +225,18 @@ def _batches(ds: Any) -> Iterator[dict[str, np.ndarray]]:
         ) from e
 
 
+def _released(ray: Any, free: float, timeout: float = 60.0) -> None:
+    """Wait (at most `timeout` s) until the cluster has the CPUs it had before the first pass: the finished
+    dataset's actors are gone, so the next pass's decode tasks are not starved by them."""
+    import gc
+    import time
+
+    gc.collect()
+    t0 = time.monotonic()
+    while ray.available_resources().get("CPU", 0) < free and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+
+
 def _meta(text: str) -> FileMeta | None:
     return FileMeta(**json.loads(text)) if text else None
 
@@ -247,9 +259,12 @@ def encode_on_ray(store: Store, report: BuildReport, model: Any, name: str, jobs
         model_ref = ray.put(model) if not isinstance(model, (str, os.PathLike)) else model
         try:
             todo = list(range(len(jobs)))
+            free = ray.available_resources().get("CPU", 0)
             for chunk in (CHUNK, 1):  # the second pass runs what a dropped block held, one file per task
                 if not todo:
                     break
+                if chunk != CHUNK:
+                    _released(ray, free)
                 done = np.zeros(len(jobs), dtype=bool)
                 with _quiet_deprecation():
                     ds = _dataset(ray, jobs, todo, spec, model_ref, opts, b.batch_size, chunk, loader)
@@ -266,6 +281,7 @@ def encode_on_ray(store: Store, report: BuildReport, model: Any, name: str, jobs
                             result = Loaded(None, digest, None, out["error"][k] or "cannot decode")
                         b.add(jobs[i], result)
                 todo = [i for i in todo if not done[i]]
+                del ds  # its actors go: the next pass needs their CPUs (actors that hold every CPU hang it)
             for i in todo:  # a file whose task died on every try, alone: it kills its worker
                 b.add(jobs[i], Loaded(None, None, None, WORKER_DIED))
             b.flush()
