@@ -103,6 +103,26 @@ def index_type_option(default: str | None) -> Callable[[F], F]:
     )
 
 
+def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from .faiss_index import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def memory_budget_option(f: F) -> F:
+    return click.option(
+        "--memory-budget", callback=_size, default=None, metavar="SIZE",
+        help=f"RAM the FAISS index may take, e.g. 2G or 500M (default: the index's, else "
+        f"{defaults.MEMORY_BUDGET // 1024**3}G): `auto` keeps full vectors (IVF-Flat) while they fit, "
+        "compressed IVF-PQ codes re-ranked on the stored vectors beyond.",
+    )(f)  # fmt: skip
+
+
 def resolve_index(index: Path | None) -> Path:
     """The --index given, else the only index under ./indexes (for commands that read an index)."""
     if index is not None:
@@ -180,6 +200,7 @@ def main() -> None:
                    "use the old one until then; needed to switch models). Keeps the index's model unless "
                    "--model says otherwise; folders not named in this run are dropped from the index.")  # fmt: skip
 @index_type_option(None)
+@memory_budget_option
 @quiet_option
 @json_option
 def build(
@@ -194,6 +215,7 @@ def build(
     max_pixels: int | None,
     rebuild: bool,
     index_type: str | None,
+    memory_budget: int | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -213,7 +235,7 @@ def build(
         report = run_build(
             list(photos_dir), index=index, model=model, device=device, batch_size=batch_size, workers=workers,
             exclude=exclude, follow_symlinks=follow_symlinks, max_pixels=max_pixels,
-            rebuild=rebuild, index_type=index_type, progress=progress,
+            rebuild=rebuild, index_type=index_type, progress=progress, memory_budget=memory_budget,
         )  # fmt: skip
     finally:
         progress.close()
@@ -275,9 +297,10 @@ def info(index: Path | None, show_errors: bool, as_json: bool) -> None:
 @main.command()
 @index_option()
 @index_type_option(defaults.INDEX_TYPE)
+@memory_budget_option
 @quiet_option
 @json_option
-def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> None:
+def reindex(index: Path | None, index_type: str, memory_budget: int | None, quiet: bool, as_json: bool) -> None:
     """Rebuild the FAISS index from the stored embeddings (no model run), e.g. to change its type.
 
     Examples:
@@ -288,7 +311,7 @@ def reindex(index: Path | None, index_type: str, quiet: bool, as_json: bool) -> 
     """
     from .indexer import reindex as run_reindex
 
-    result = run_reindex(resolve_index(index), index_type)
+    result = run_reindex(resolve_index(index), index_type, memory_budget=memory_budget)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
     elif not quiet:
@@ -446,10 +469,12 @@ def create(index_dir: Path, model: str, device: str, as_json: bool) -> None:
 
 @main.command()
 @index_option()
+@memory_budget_option
 @quiet_option
 @json_option
-def compact(index: Path | None, quiet: bool, as_json: bool) -> None:
-    """Rewrite the FAISS file from the stored embeddings so it covers every write (searches go on meanwhile).
+def compact(index: Path | None, memory_budget: int | None, quiet: bool, as_json: bool) -> None:
+    """Fold every write into the FAISS file (searches go on meanwhile): added to the trained index, which is
+    rebuilt only once the collection has outgrown its training.
 
     Writable indexes compact by themselves past a size; run this after many writes, e.g. nightly.
 
@@ -462,7 +487,7 @@ def compact(index: Path | None, quiet: bool, as_json: bool) -> None:
     from .search import Index
 
     with Index.open(resolve_index(index), writable=True) as idx:
-        result = idx.compact()
+        result = idx.compact(memory_budget=memory_budget)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False, default=str))
     elif not quiet:

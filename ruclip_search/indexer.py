@@ -214,14 +214,33 @@ def _clean_stale_files(store: Store) -> None:
                 pass
 
 
-def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
-    """(Re)build the FAISS file from the stored embeddings and switch meta to it atomically."""
+def write_faiss(
+    store: Store, kind: str | None = None, *, memory_budget: int | None = None, rebuild: bool = False
+) -> dict[str, Any] | None:
+    """Bring the FAISS file up to date with the stored embeddings and switch meta to it atomically.
+
+    The changes since the file was written are folded into it (no retraining) while it is of the type `kind`
+    still picks and the collection has not outgrown what it was trained on (faiss_index.RETRAIN_GROWTH);
+    otherwise, or with `rebuild`, it is built anew, streamed from one snapshot of the store (train on a
+    sample, add in chunks). `memory_budget` (bytes) is remembered in meta for later writes.
+    Returns the file's info (`retrained`: whether it was built anew), None when no model is recorded yet.
+    """
     kind = kind or store.get_meta("index_kind") or defaults.INDEX_TYPE
-    data_version = store.data_version()
-    ids, vectors, seq = store.snapshot_embeddings()  # the file covers the changes up to `seq` (faiss_seq)
+    if memory_budget is not None:
+        store.set_meta(memory_budget=str(int(memory_budget)))
+    stored_budget = store.get_meta("memory_budget")
+    budget = int(stored_budget) if stored_budget else None
     if store.dim is None:
         return None
-    index, info = faiss_index.build_faiss(vectors, ids, kind)
+    data_version = store.data_version()
+    folded = None if rebuild else _fold_changes(store, kind, budget)
+    if folded is not None:
+        index, info, seq = folded
+    else:
+        with store.embedding_snapshot() as snapshot:  # the file covers the changes up to its seq (faiss_seq)
+            index, info = faiss_index.build(snapshot, kind, memory_budget=budget)
+            seq = snapshot.seq
+        info["retrained"] = True
     version = store.index_version() + 1
     name = f"faiss-{version}.index"
     old = store.get_meta("faiss_file")
@@ -233,6 +252,7 @@ def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
         faiss_file=name, index_version=str(version), index_type=info["type"], index_kind=kind,
         recall_at_10=str(info["recall_at_10"]), index_params=json.dumps(info["params"]),
         faiss_data_version=str(data_version), index_count=str(info["n"]), faiss_seq=str(seq),
+        index_trained_n=str(info["trained_n"]),
     )  # fmt: skip
     if old and old != name:
         try:
@@ -240,6 +260,38 @@ def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
         except OSError:
             pass
     return info
+
+
+def _fold_changes(store: Store, kind: str, budget: int | None) -> tuple[Any, dict[str, Any], int] | None:
+    """(index, info, seq) of the current FAISS file with the store's changes since its seq folded in, or None
+    when it must be built anew: none yet, HNSW, another type than `kind` now picks, grown past its training, or
+    not matching the store (a change log that does not cover every row)."""
+    meta = store.meta()
+    path = store.dir / meta["faiss_file"] if meta.get("faiss_file") else None
+    kind_now = meta.get("index_type")
+    if path is None or not path.exists() or kind_now not in ("flat", "ivf", "ivfpq") or not meta.get("dim"):
+        return None
+    dim = int(meta["dim"])
+    n = store.counts()["images"]
+    if faiss_index.plan(n, dim, kind, memory_budget=budget).kind != kind_now:
+        return None
+    trained_n = int(meta.get("index_trained_n") or meta.get("index_count") or 0)
+    if faiss_index.needs_retrain(kind_now, trained_n, n):
+        return None
+    ids, vectors, gone, seq = store.changed_embeddings(int(meta.get("faiss_seq") or 0))
+    params = json.loads(meta.get("index_params") or "{}")
+    try:
+        index = faiss_index.load(path, mmap=False, params=params)
+    except RuntimeError:
+        return None  # unreadable: build it anew
+    if index.d != dim:
+        return None
+    faiss_index.update(index, ids, vectors, gone)
+    if index.ntotal != n:  # rows the change log never recorded (an index older than the log): rebuild
+        return None
+    info = {"type": kind_now, "n": int(index.ntotal), "dim": dim, "recall_at_10": float(meta.get("recall_at_10") or 0),
+            "params": params, "trained_n": trained_n, "folded": int(len(ids) + len(gone)), "retrained": False}  # fmt: skip
+    return index, info, seq
 
 
 def build(
@@ -255,8 +307,11 @@ def build(
     rebuild: bool = False,
     index_type: str | None = None,
     progress: Progress | None = None,
+    memory_budget: int | None = None,
 ) -> BuildReport:
     """Index (or update the index of) photo folders; returns counts and speed. See the module docstring.
+
+    `memory_budget` (bytes): what `auto` may let the FAISS index take in RAM (remembered in the index).
 
     `model`: registry name, folder or loaded RuCLIP; default the index's own model, else the default model.
     `rebuild`: re-encode everything into a new index that replaces this one when complete (readers keep the
@@ -280,7 +335,7 @@ def build(
         workers = max(1, (os.cpu_count() or 2) - 1)
     report = BuildReport(index=str(index_dir))
     opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, index_type,
-                    progress)  # fmt: skip
+                    progress, memory_budget=memory_budget)  # fmt: skip
     with _writer(index_dir) as store:
         if rebuild:
             _rebuild(store, report, roots, opts)
@@ -390,6 +445,7 @@ class _Options:
     index_type: str | None
     progress: Progress | None
     decoder: _Decoder | None = None  # a started decoder kept across calls (the watcher's); else one per run
+    memory_budget: int | None = None  # bytes the FAISS index may take (remembered in meta)
 
 
 def _model_name(store: Store, report: BuildReport, model: Any) -> str:
@@ -430,6 +486,8 @@ def _run(
     index_type, progress = opts.index_type, opts.progress
     if index_type is not None:
         store.set_meta(index_kind=index_type)
+    if opts.memory_budget is not None:
+        store.set_meta(memory_budget=str(int(opts.memory_budget)))
 
     # 1. Walk and diff by (size, mtime_ns).
     root_ids = {root: store.root_id(root) for root in roots}
@@ -639,14 +697,17 @@ def _vanished(store: Store, conn: Any, digest: bytes, gone: dict[tuple[int, byte
     return None
 
 
-def reindex(index: str | os.PathLike[str], kind: str = defaults.INDEX_TYPE) -> dict[str, Any]:
-    """Rebuild the FAISS file of an index from its stored embeddings (no model run); returns its info."""
+def reindex(
+    index: str | os.PathLike[str], kind: str = defaults.INDEX_TYPE, memory_budget: int | None = None
+) -> dict[str, Any]:
+    """Rebuild (and retrain) the FAISS file of an index from its stored embeddings, streamed (no model run);
+    returns its info. `memory_budget` (bytes): what `auto` may let the index take in RAM (remembered)."""
     if kind not in defaults.INDEX_TYPES:
         raise RuclipSearchError(f"Unknown index type {kind!r}: use one of {', '.join(defaults.INDEX_TYPES)}.")
     with IndexLock(index):  # raises IndexNotFoundError, creating nothing, when there is no index
         store = Store.open(index, readonly=False)
         try:
-            info = write_faiss(store, kind)
+            info = write_faiss(store, kind, memory_budget=memory_budget, rebuild=True)
             if info is None:
                 raise RuclipSearchError(f"Index {os.fspath(index)!r} holds no embeddings yet: build it first.")
             return info
