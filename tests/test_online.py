@@ -313,7 +313,6 @@ def test_ann_main_index_never_returns_deleted_or_stale_ids(idx: Index) -> None:
         for q in queries:
             for filters in ({}, {"labels": ["odd"]}):
                 hits = idx.search(q, k=50, **filters)
-                # filtered: exact fallback when the probed lists ran short; unfiltered: ANN recall only
                 assert len(hits) == 50  # full pages: filtered by the exact fallback, unfiltered by probing more lists
                 ids = {h.id for h in hits}
                 assert not ids & deleted
