@@ -72,6 +72,17 @@ def index_option(required: bool = False) -> Callable[[F], F]:
     )
 
 
+DB_HELP = (
+    "PostgreSQL URL of the index's metadata, e.g. postgresql+psycopg://user@host/dbname (also read from "
+    "RUCLIP_SEARCH_DB); the index folder then holds only the FAISS files. Default: index.db in the index folder."
+)
+
+
+def db_option(f: F) -> F:
+    """--db URL (env RUCLIP_SEARCH_DB): one PostgreSQL database per index."""
+    return click.option("--db", "db", default=None, metavar="URL", envvar="RUCLIP_SEARCH_DB", help=DB_HELP)(f)
+
+
 def model_option(f: F) -> F:
     return click.option(
         "--model",
@@ -123,11 +134,15 @@ def memory_budget_option(f: F) -> F:
     )(f)  # fmt: skip
 
 
-def resolve_index(index: Path | None) -> Path:
-    """The --index given, else the only index under ./indexes (for commands that read an index)."""
+def resolve_index(index: Path | None, db: str | None = None) -> Path:
+    """The --index given, else the only index under ./indexes (for commands that read an index; with --db,
+    the only folder there)."""
     if index is not None:
         return index
-    found = sorted(p.parent for p in Path("indexes").glob("*/index.db"))
+    if db is not None:
+        found = sorted(p for p in Path("indexes").glob("*") if p.is_dir())
+    else:
+        found = sorted(p.parent for p in Path("indexes").glob("*/index.db"))
     if len(found) == 1:
         return found[0]
     if not found:
@@ -201,6 +216,7 @@ def main() -> None:
                    "--model says otherwise; folders not named in this run are dropped from the index.")  # fmt: skip
 @index_type_option(None)
 @memory_budget_option
+@db_option
 @quiet_option
 @json_option
 def build(
@@ -216,6 +232,7 @@ def build(
     rebuild: bool,
     index_type: str | None,
     memory_budget: int | None,
+    db: str | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -227,6 +244,7 @@ def build(
       ruclip-index build ~/Pictures
       ruclip-index build ./photos ./phone --index indexes/all --exclude '*/.thumbnails/*'
       ruclip-index build ./photos --model ruclip-vit-base-patch32-224 --rebuild
+      ruclip-index build ./photos --index indexes/photos --db postgresql+psycopg://me@dbhost/photos
     """
     from .indexer import build as run_build
 
@@ -235,7 +253,7 @@ def build(
         report = run_build(
             list(photos_dir), index=index, model=model, device=device, batch_size=batch_size, workers=workers,
             exclude=exclude, follow_symlinks=follow_symlinks, max_pixels=max_pixels,
-            rebuild=rebuild, index_type=index_type, progress=progress, memory_budget=memory_budget,
+            rebuild=rebuild, index_type=index_type, progress=progress, db=db, memory_budget=memory_budget,
         )  # fmt: skip
     finally:
         progress.close()
@@ -253,9 +271,10 @@ def build(
 
 @main.command()
 @index_option()
+@db_option
 @click.option("--errors", "show_errors", is_flag=True, help="List files that could not be indexed, with reasons.")
 @json_option
-def info(index: Path | None, show_errors: bool, as_json: bool) -> None:
+def info(index: Path | None, db: str | None, show_errors: bool, as_json: bool) -> None:
     """Show an index: images, errors, model, index type, dimension, recall@10, size on disk.
 
     Examples:
@@ -267,7 +286,7 @@ def info(index: Path | None, show_errors: bool, as_json: bool) -> None:
     """
     from .store import Store
 
-    with Store.open(resolve_index(index)) as store:
+    with Store.open(resolve_index(index, db), db=db) as store:
         data = store.info()
         errors = [{"path": r.path, "error": r.error} for r in store.iter_images(errors=True)] if show_errors else None
     if as_json:
@@ -286,6 +305,7 @@ def info(index: Path | None, show_errors: bool, as_json: bool) -> None:
         f"recall@10:  {recall if recall is not None else '-'}",
         f"size:       {data['size_bytes'] / 1e6:.1f} MB",
         f"roots:      {', '.join(data['roots'])}",
+        *([f"database:   {data['db']}"] if data.get("db") else []),
     ]
     click.echo("\n".join(lines))
     if errors:
@@ -298,9 +318,12 @@ def info(index: Path | None, show_errors: bool, as_json: bool) -> None:
 @index_option()
 @index_type_option(defaults.INDEX_TYPE)
 @memory_budget_option
+@db_option
 @quiet_option
 @json_option
-def reindex(index: Path | None, index_type: str, memory_budget: int | None, quiet: bool, as_json: bool) -> None:
+def reindex(
+    index: Path | None, index_type: str, memory_budget: int | None, db: str | None, quiet: bool, as_json: bool
+) -> None:
     """Rebuild the FAISS index from the stored embeddings (no model run), e.g. to change its type.
 
     Examples:
@@ -311,7 +334,7 @@ def reindex(index: Path | None, index_type: str, memory_budget: int | None, quie
     """
     from .indexer import reindex as run_reindex
 
-    result = run_reindex(resolve_index(index), index_type, memory_budget=memory_budget)
+    result = run_reindex(resolve_index(index, db), index_type, db=db, memory_budget=memory_budget)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
     elif not quiet:
@@ -350,9 +373,10 @@ def _watch_reporter(say: Callable[[str], None], err: Callable[[str], None], what
               help="Decoding processes kept running (0: decode in this process).")  # fmt: skip
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
+@db_option
 @quiet_option
 def watch(photos_dir: tuple[Path, ...], index: Path | None, model: str | None, device: str, workers: int,
-          exclude: tuple[str, ...], follow_symlinks: bool, quiet: bool) -> None:  # fmt: skip
+          exclude: tuple[str, ...], follow_symlinks: bool, db: str | None, quiet: bool) -> None:  # fmt: skip
     """Keep the index of PHOTOS_DIR... up to date as files are added, changed, moved or deleted (until Ctrl-C).
 
     Catches up first (one incremental build), then indexes each file once it has stopped changing for
@@ -373,7 +397,7 @@ def watch(photos_dir: tuple[Path, ...], index: Path | None, model: str | None, d
     on_event = _watch_reporter(say, lambda line: click.echo(f"warning: {line}", err=True), f"-> {index}")
     progress = _Progress(quiet)
     watcher = Watcher(list(photos_dir), index, model=model, device=device, workers=workers, exclude=exclude,
-                      follow_symlinks=follow_symlinks, on_event=on_event, progress=progress)  # fmt: skip
+                      follow_symlinks=follow_symlinks, on_event=on_event, progress=progress, db=db)  # fmt: skip
     try:
         watcher.run()
     except _Terminated:
@@ -401,11 +425,13 @@ def watch(photos_dir: tuple[Path, ...], index: Path | None, model: str | None, d
               help="A folder whose image files PUT /photos may name by path (repeatable; default none).")  # fmt: skip
 @click.option("--watch", "watch_dirs", multiple=True, metavar="DIR", type=click.Path(path_type=Path),
               help="Keep the first --index up to date with DIR's files as they change (repeatable).")  # fmt: skip
+@click.option("--db", "dbs", multiple=True, metavar="URL", envvar="RUCLIP_SEARCH_DB",
+              help=DB_HELP + " Repeat it once per --index (in the same order) to serve several.")  # fmt: skip
 @model_option
 @device_option
 def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, cors_origins: tuple[str, ...],
-          write_token: str | None, allow_roots: tuple[Path, ...], watch_dirs: tuple[Path, ...], model: str | None,
-          device: str) -> None:  # fmt: skip
+          write_token: str | None, allow_roots: tuple[Path, ...], watch_dirs: tuple[Path, ...],
+          dbs: tuple[str, ...], model: str | None, device: str) -> None:  # fmt: skip
     """Serve indexes over HTTP: JSON API (docs at /docs) and a search page at /.
 
     Examples:
@@ -415,6 +441,7 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
       ruclip-index serve --index indexes/photos --index indexes/phone --port 8080 --token s3cret
       ruclip-index serve --index indexes/app --write-token w5ecret --allow-root /srv/uploads
       ruclip-index serve --index indexes/photos --watch ~/Pictures
+      ruclip-index serve --index indexes/app --db postgresql+psycopg://me@dbhost/app --port 8001
     """
     from .server import serve as run_server
 
@@ -429,13 +456,15 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
 
         log = logging.getLogger("ruclip_search.watch")
         on_event = _watch_reporter(log.info, log.warning, f"{len(watch_dirs)} folder(s) -> {indexes[0]}")
-        watcher = Watcher(list(watch_dirs), indexes[0], model=model, device=device, on_event=on_event)
+        watcher = Watcher(list(watch_dirs), indexes[0], model=model, device=device, on_event=on_event,
+                          db=dbs[0] if dbs else None)  # fmt: skip
         click.echo(f"catching up with {len(watch_dirs)} folder(s) in {indexes[0]}", err=True)
         watcher.start()
     click.echo(f"serving {len(indexes)} index(es) on http://{host}:{port}/{writes} (API docs at /docs)", err=True)
     try:
         run_server(list(indexes), host=host, port=port, token=token or None, cors_origins=cors_origins, model=model,
-                   device=device, write_token=write_token or None, allow_roots=allow_roots)  # fmt: skip
+                   device=device, write_token=write_token or None, allow_roots=allow_roots,
+                   db=list(dbs) if len(dbs) > 1 else (dbs[0] if dbs else None))  # fmt: skip
     finally:
         if watcher is not None:
             watcher.stop()
@@ -445,8 +474,9 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
 @click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--model", default=defaults.MODEL, show_default=True, help="Model name or folder.")
 @device_option
+@db_option
 @json_option
-def create(index_dir: Path, model: str, device: str, as_json: bool) -> None:
+def create(index_dir: Path, model: str, device: str, db: str | None, as_json: bool) -> None:
     """Create an empty index bound to a model, for photos written over HTTP (`serve --write-token`) or the API.
 
     An existing index of the same model is left as it is; one of another model is an error.
@@ -459,7 +489,7 @@ def create(index_dir: Path, model: str, device: str, as_json: bool) -> None:
     """
     from .search import Index
 
-    with Index.create(index_dir, model=model, device=device) as idx:
+    with Index.create(index_dir, model=model, device=device, db=db) as idx:
         data = idx.info()
     if as_json:
         click.echo(json.dumps(data, ensure_ascii=False, default=str))
@@ -470,9 +500,10 @@ def create(index_dir: Path, model: str, device: str, as_json: bool) -> None:
 @main.command()
 @index_option()
 @memory_budget_option
+@db_option
 @quiet_option
 @json_option
-def compact(index: Path | None, memory_budget: int | None, quiet: bool, as_json: bool) -> None:
+def compact(index: Path | None, memory_budget: int | None, db: str | None, quiet: bool, as_json: bool) -> None:
     """Fold every write into the FAISS file (searches go on meanwhile): added to the trained index, which is
     rebuilt only once the collection has outgrown its training.
 
@@ -486,7 +517,7 @@ def compact(index: Path | None, memory_budget: int | None, quiet: bool, as_json:
     """
     from .search import Index
 
-    with Index.open(resolve_index(index), writable=True) as idx:
+    with Index.open(resolve_index(index, db), writable=True, db=db) as idx:
         result = idx.compact(memory_budget=memory_budget)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False, default=str))
@@ -534,10 +565,10 @@ def _search_filters(
         raise click.BadParameter(str(e)) from None
 
 
-def _open_index(index: Path | None, device: str = "auto") -> Any:
+def _open_index(index: Path | None, device: str = "auto", db: str | None = None) -> Any:
     from .search import Index
 
-    return Index.open(resolve_index(index), device=device)
+    return Index.open(resolve_index(index, db), device=device, db=db)
 
 
 def _print_hits(hits: list, as_json: bool, offset: int = 0) -> None:
@@ -567,10 +598,11 @@ def _print_hits(hits: list, as_json: bool, offset: int = 0) -> None:
 @click.option("--minus-weight", type=float, default=defaults.MINUS_WEIGHT, show_default=True,
               help="Weight of each --minus term.")  # fmt: skip
 @device_option
+@db_option
 @json_option
 def search(query: str | None, index: Path | None, k: int, offset: int, min_score: float | None, under: Path | None,
            date_from: str | None, date_to: str | None, formats: tuple[str, ...], images: tuple[Path, ...],
-           minus: tuple[str, ...], minus_weight: float, device: str, as_json: bool) -> None:  # fmt: skip
+           minus: tuple[str, ...], minus_weight: float, device: str, db: str | None, as_json: bool) -> None:  # fmt: skip
     """Find photos matching QUERY (Russian text), optionally mixed with --image and --minus terms.
 
     Examples:
@@ -585,7 +617,7 @@ def search(query: str | None, index: Path | None, k: int, offset: int, min_score
     if (query is None or not query.strip()) and not images:
         raise QueryError("The query is empty: type what to look for, e.g. ruclip-index search 'кот на диване'.")
     filters = _search_filters(under, date_from, date_to, formats, min_score)
-    idx = _open_index(index, device)
+    idx = _open_index(index, device, db)
     try:
         for text in [query or "", *minus]:
             if text and idx.truncated(text):
@@ -607,9 +639,10 @@ def search(query: str | None, index: Path | None, k: int, offset: int, min_score
 @index_option()
 @filter_options
 @device_option
+@db_option
 @json_option
 def similar(photo: Path, index: Path | None, k: int, offset: int, min_score: float | None, under: Path | None,
-            date_from: str | None, date_to: str | None, formats: tuple[str, ...], device: str,
+            date_from: str | None, date_to: str | None, formats: tuple[str, ...], device: str, db: str | None,
             as_json: bool) -> None:  # fmt: skip
     """Find photos like PHOTO (an indexed photo: itself excluded; any other picture: searched by its pixels).
 
@@ -620,7 +653,7 @@ def similar(photo: Path, index: Path | None, k: int, offset: int, min_score: flo
       ruclip-index similar ~/Downloads/example.jpg -k 5
     """
     filters = _search_filters(under, date_from, date_to, formats, min_score)
-    idx = _open_index(index, device)
+    idx = _open_index(index, device, db)
     try:
         if idx.store.find_path(photo) is not None:
             hits = idx.similar(photo, k=k, offset=offset, filters=filters)
@@ -636,9 +669,10 @@ def similar(photo: Path, index: Path | None, k: int, offset: int, min_score: flo
 @index_option()
 @click.option("--template", "templates", multiple=True, help="Prompt template with {} for the label (repeatable).")
 @device_option
+@db_option
 @json_option
 def classify(
-    labels: tuple[str, ...], index: Path | None, templates: tuple[str, ...], device: str, as_json: bool
+    labels: tuple[str, ...], index: Path | None, templates: tuple[str, ...], device: str, db: str | None, as_json: bool
 ) -> None:
     """Tag every indexed photo with the best of LABEL... (zero-shot, averaged over prompt templates).
 
@@ -648,7 +682,7 @@ def classify(
       ruclip-index classify кошка собака пейзаж портрет
       ruclip-index classify закат рассвет --json
     """
-    idx = _open_index(index, device)
+    idx = _open_index(index, device, db)
     try:
         result = idx.classify(list(labels), list(templates) or None)
     finally:
@@ -666,8 +700,9 @@ def classify(
 @index_option()
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=defaults.DUPLICATE_THRESHOLD, show_default=True,
               help="Cosine similarity above which two photos count as near-duplicates.")  # fmt: skip
+@db_option
 @json_option
-def dupes(index: Path | None, threshold: float, as_json: bool) -> None:
+def dupes(index: Path | None, threshold: float, db: str | None, as_json: bool) -> None:
     """List groups of near-duplicate photos (from the stored embeddings; no model is run).
 
     Examples:
@@ -679,7 +714,7 @@ def dupes(index: Path | None, threshold: float, as_json: bool) -> None:
     from .search import find_duplicates
     from .store import Store
 
-    with Store.open(resolve_index(index)) as store:
+    with Store.open(resolve_index(index, db), db=db) as store:
         result = find_duplicates(store, threshold)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
@@ -690,6 +725,45 @@ def dupes(index: Path | None, threshold: float, as_json: bool) -> None:
         click.echo(f"group {n} ({len(group)} photos)")
         for path in group:
             click.echo(f"  {display_path(path)}")
+
+
+@main.command()
+@click.option("--from", "source", required=True, metavar="DIR|URL",
+              help="The index to copy: an SQLite index folder, or a PostgreSQL URL.")  # fmt: skip
+@click.option("--index", "index", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The folder of the copy's FAISS files (default: the --from folder); from PostgreSQL, the new "
+                   "SQLite index folder.")  # fmt: skip
+@click.option("--db", "db", default=None, metavar="URL",
+              help="The empty PostgreSQL database to copy into (not read from RUCLIP_SEARCH_DB: name it).")  # fmt: skip
+@quiet_option
+@json_option
+def migrate(source: str, index: Path | None, db: str | None, quiet: bool, as_json: bool) -> None:
+    """Copy an index between SQLite and PostgreSQL (ids, embeddings, labels, change log; FAISS files kept).
+
+    The source stays as it was; searches and writes may go on while it is copied (the copy is a snapshot).
+
+    Examples:
+
+    \b
+      ruclip-index migrate --from indexes/photos --db postgresql+psycopg://me@dbhost/photos
+      ruclip-index migrate --from postgresql+psycopg://me@dbhost/photos --index indexes/photos-local
+    """
+    from .indexer import migrate as run_migrate
+
+    def progress(table: str, rows: int) -> None:
+        if not quiet and not as_json and rows % 50_000 == 0:
+            click.echo(f"{table}: {rows} rows", err=True)
+
+    result = run_migrate(source, index=index, db=db, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+    elif not quiet:
+        copied = ", ".join(f"{n} {t}" for t, n in result["copied"].items())
+        where = f"database {result['db']} (FAISS files in {result['index']})" if result["db"] else result["index"]
+        click.echo(f"copied {copied} -> {where}")
+        if result["db"] and not source.startswith(("postgres",)):
+            click.echo(f"use it with --index {result['index']} --db URL (or RUCLIP_SEARCH_DB); "
+                       f"{source}/index.db is no longer read then", err=True)  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover

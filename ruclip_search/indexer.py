@@ -22,7 +22,7 @@ import numpy as np
 from . import defaults, faiss_index
 from .errors import ModelMismatchError, RuclipSearchError, StorageError
 from .loader import MAIN_GUARD_HINT, FileMeta, Loaded, _Decoder, hash_file
-from .store import ImageWrite, IndexLock, ScanRow, Store, encode_embedding
+from .store import DB_NAME, ImageWrite, IndexLock, ScanRow, Store, encode_embedding
 from .walk import walk, walk_paths
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -307,15 +307,16 @@ def build(
     rebuild: bool = False,
     index_type: str | None = None,
     progress: Progress | None = None,
+    db: str | None = None,
     memory_budget: int | None = None,
 ) -> BuildReport:
     """Index (or update the index of) photo folders; returns counts and speed. See the module docstring.
 
-    `memory_budget` (bytes): what `auto` may let the FAISS index take in RAM (remembered in the index).
-
     `model`: registry name, folder or loaded RuCLIP; default the index's own model, else the default model.
+    `db`: a PostgreSQL URL for the metadata (the `index` folder then holds the FAISS files); None: SQLite.
     `rebuild`: re-encode everything into a new index that replaces this one when complete (readers keep the
     old one until then); the new index holds only the `photos` folders of this run.
+    `memory_budget` (bytes): what `auto` may let the FAISS index take in RAM (remembered in the index).
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise RuclipSearchError(MAIN_GUARD_HINT)
@@ -336,7 +337,7 @@ def build(
     report = BuildReport(index=str(index_dir))
     opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, index_type,
                     progress, memory_budget=memory_budget)  # fmt: skip
-    with _writer(index_dir) as store:
+    with _writer(index_dir, db) as store:
         if rebuild:
             _rebuild(store, report, roots, opts)
         else:
@@ -345,10 +346,10 @@ def build(
 
 
 @contextlib.contextmanager
-def _writer(index_dir: str | os.PathLike[str]) -> Iterator[Store]:
+def _writer(index_dir: str | os.PathLike[str], db: str | None = None) -> Iterator[Store]:
     """The index's write lock and a writable store (created if new), for one build or sync."""
     with IndexLock(index_dir, create=True):
-        store = Store.create(index_dir)
+        store = Store.create(index_dir, db=db)
         try:
             yield store
         finally:
@@ -377,6 +378,7 @@ def sync_paths(
     write_index: bool | None = None,
     progress: Progress | None = None,
     decoder: _Decoder | None = None,
+    db: str | None = None,
 ) -> BuildReport:
     """Bring the index in step with just `paths` (files or folders under `roots`, as they are now): added,
     changed, moved (old and new path both given) and deleted files, through build's own diff and commit path.
@@ -395,7 +397,7 @@ def sync_paths(
     report = BuildReport(index=os.fspath(index))
     opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, None, progress,
                     decoder)  # fmt: skip
-    with _writer(index) as store:
+    with _writer(index, db) as store:
         _run(store, report, sorted(scope), opts, scope=scope, write_index=write_index)
     return _timed(report, t0)
 
@@ -698,14 +700,15 @@ def _vanished(store: Store, conn: Any, digest: bytes, gone: dict[tuple[int, byte
 
 
 def reindex(
-    index: str | os.PathLike[str], kind: str = defaults.INDEX_TYPE, memory_budget: int | None = None
-) -> dict[str, Any]:
+    index: str | os.PathLike[str], kind: str = defaults.INDEX_TYPE, db: str | None = None,
+    memory_budget: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Rebuild (and retrain) the FAISS file of an index from its stored embeddings, streamed (no model run);
     returns its info. `memory_budget` (bytes): what `auto` may let the index take in RAM (remembered)."""
     if kind not in defaults.INDEX_TYPES:
         raise RuclipSearchError(f"Unknown index type {kind!r}: use one of {', '.join(defaults.INDEX_TYPES)}.")
-    with IndexLock(index):  # raises IndexNotFoundError, creating nothing, when there is no index
-        store = Store.open(index, readonly=False)
+    with IndexLock(index, db=db):  # raises IndexNotFoundError, creating nothing, when there is no index
+        store = Store.open(index, readonly=False, db=db)
         try:
             info = write_faiss(store, kind, memory_budget=memory_budget, rebuild=True)
             if info is None:
@@ -713,3 +716,52 @@ def reindex(
             return info
         finally:
             store.close()
+
+
+def migrate(
+    source: str | os.PathLike[str], index: str | os.PathLike[str] | None = None, db: str | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Copy an index between SQLite and PostgreSQL: `source` is an SQLite index folder or a PostgreSQL URL.
+
+    Into PostgreSQL: `db` (an empty database) and `index` (the folder of its FAISS files; default the source
+    folder, whose FAISS file then serves as is). Back into SQLite: `index`, a folder without an index.db.
+    Streamed in chunks from one snapshot of the source (readers and writers of it may go on), under the
+    source folder's lock. A FAISS file the target folder lacks is written from the copied embeddings.
+    Returns rows copied per table, the target and whether a FAISS file was written.
+    """
+    src_db = os.fspath(source) if _is_url(source) else None
+    if src_db is not None and index is None:
+        raise RuclipSearchError("Copying out of PostgreSQL: name the SQLite index folder to create with --index.")
+    src_dir = Path(index if src_db is not None else source)  # type: ignore[arg-type]
+    dest_dir = Path(index) if index is not None else src_dir
+    if src_db is None and db is None:
+        raise RuclipSearchError("Nothing to migrate to: give --db URL (into PostgreSQL).")
+    if src_db is not None and db is not None:
+        raise RuclipSearchError("Copy between two PostgreSQL databases with pg_dump; migrate copies to or from SQLite.")
+    if db is None and (dest_dir / DB_NAME).exists():
+        raise RuclipSearchError(f"{str(dest_dir)!r} already holds an SQLite index: migrate into a new folder.")
+    with contextlib.ExitStack() as stack:
+        if src_db is None:  # no build may change the source while it is copied
+            stack.enter_context(IndexLock(src_dir))
+        if dest_dir != src_dir or src_db is not None:
+            stack.enter_context(IndexLock(dest_dir, create=True))
+        src = stack.enter_context(Store.open(src_dir, db=src_db))
+        dest = stack.enter_context(Store.create(dest_dir, db=db))
+        counts = src.copy_into(dest, progress=progress)
+        faiss_file = dest.faiss_path()
+        wrote = False
+        if src.faiss_path() is not None and faiss_file is not None and not faiss_file.exists():
+            source_file = src.faiss_path()
+            if source_file is not None and source_file.exists() and source_file.parent.resolve() != dest_dir.resolve():
+                shutil.copyfile(source_file, faiss_file)
+            else:
+                write_faiss(dest)
+                wrote = True
+    return {"copied": counts, "index": str(dest_dir), "db": dest.where if db is not None else None,
+            "faiss_written": wrote}  # fmt: skip
+
+
+def _is_url(value: str | os.PathLike[str]) -> bool:
+    """Whether an index argument is a database URL (scheme://...) rather than a folder."""
+    return "://" in os.fspath(value)

@@ -34,7 +34,8 @@ from PIL import Image
 from . import defaults, faiss_index
 from .errors import IndexNotFoundError, ModelMismatchError, QueryError, RuclipSearchError, StorageError
 from .filters import NO_FILTERS, SearchFilters, parse_when, validate_key, validate_name
-from .store import ImageRecord, IndexLock, PhotoWrite, Store, encode_embedding
+from .group_commit import GroupCommit
+from .store import ImageRecord, IndexLock, PhotosWritten, PhotoWrite, Store, decode_embeddings, encode_embedding
 
 if TYPE_CHECKING:
     from .encoder import ModelCache
@@ -412,6 +413,11 @@ def _caught_up(store: Store, segment: _Segment) -> _Segment | None:
     return segment.apply(ids, vecs, gone, seq)
 
 
+#: One caller's share of a group commit: (photos to put, keys to delete) -> (their records, deleted ids).
+_WriteOp = tuple[list[PhotoWrite], list[str]]
+_WriteResult = tuple[list[ImageRecord], list[int]]
+
+
 class Index:
     """An index opened for searching (and, opened writable, for adding photos by key). Thread-safe for
     concurrent searches and writes; see the module docstring."""
@@ -430,6 +436,8 @@ class Index:
         self._checked = time.monotonic()  # when the store's change log was last looked at
         self._compactor: threading.Thread | None = None
         self.compact_error: str | None = None  # why the last background compaction failed, if it did
+        # concurrent add/remove calls are committed together (one transaction and one catch-up per group)
+        self._writes: GroupCommit[_WriteOp, _WriteResult] = GroupCommit(self._commit_group)
 
     @classmethod
     def create(
@@ -438,11 +446,12 @@ class Index:
         model: Any = defaults.MODEL,
         device: str = "auto",
         models: ModelCache | None = None,
+        db: str | None = None,
     ) -> Index:
         """An empty index bound to `model` (name, folder or loaded RuCLIP), opened writable, to add photos to.
 
         A folder that already holds an index with the same model is opened writable as it is; one with
-        another model raises ModelMismatchError.
+        another model raises ModelMismatchError. `db`: a PostgreSQL URL for the metadata (None: SQLite).
         """
         from .indexer import model_key, write_faiss
 
@@ -450,7 +459,7 @@ class Index:
         index_dir = Path(index_dir)
         text_model = None
         with IndexLock(index_dir, create=True):
-            store = Store.create(index_dir)
+            store = Store.create(index_dir, db=db)
             try:
                 stored = store.model_name
                 if stored and stored != name:
@@ -469,8 +478,9 @@ class Index:
                 store.close()
         pinned = model if not isinstance(model, (str, os.PathLike)) else None
         if text_model is not None and pinned is None:
-            return cls._open(index_dir, writable=True, device=device, models=models, text_model=(name, text_model))
-        return cls.open(index_dir, writable=True, model=pinned, device=device, models=models)
+            return cls._open(index_dir, writable=True, device=device, models=models, text_model=(name, text_model),
+                             db=db)  # fmt: skip
+        return cls.open(index_dir, writable=True, model=pinned, device=device, models=models, db=db)
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -482,20 +492,22 @@ class Index:
         model: Any = None,
         device: str = "auto",
         models: ModelCache | None = None,
+        db: str | None = None,
     ) -> Index:
         """Open an index: the text tower of its model, its FAISS file memory-mapped, the metadata database.
 
         `writable`: allow add/remove/compact (else they raise QueryError). `model`: None (the index's own
         model, followed across rebuilds by `refresh`), a name or folder, or an already loaded RuCLIP (both
         pin the model: `refresh` then refuses an index rebuilt with another one). `models`: a ModelCache to
-        take towers from, so that several indexes share one loaded model.
+        take towers from, so that several indexes share one loaded model. `db`: the PostgreSQL URL of an index
+        whose metadata lives there (`index_dir` holds its FAISS files); None: SQLite in `index_dir`.
         """
-        return cls._open(index_dir, writable=writable, model=model, device=device, models=models)
+        return cls._open(index_dir, writable=writable, model=model, device=device, models=models, db=db)
 
     @classmethod
     def _open(
         cls, index_dir: str | os.PathLike[str], *, writable: bool, model: Any = None, device: str = "auto",
-        models: ModelCache | None = None, text_model: tuple[str, Any] | None = None,
+        models: ModelCache | None = None, text_model: tuple[str, Any] | None = None, db: str | None = None,
     ) -> Index:  # fmt: skip
         from .registry import model_key
 
@@ -505,7 +517,7 @@ class Index:
                 f"No index at {os.fspath(index_dir)!r}: build one with `ruclip-index build PHOTOS_DIR`, "
                 "or pass the folder of an existing one with --index."
             )
-        store = Store.open(index_dir, readonly=not writable)
+        store = Store.open(index_dir, readonly=not writable, db=db)
         try:
             state = cls._load_state(store)
             stored = state.model_name
@@ -988,11 +1000,48 @@ class Index:
     def _write_batch(self, items: list[dict[str, Any]]) -> list[Hit]:
         state = self._live_state()
         writes = [self._photo_write(item, state) for item in items]
-        self._encode_pending(writes, state)
-        ids = self.store.put_photos([w for w, _ in writes])
-        self._catch_up(wait=True)  # visible to this process's searches on return
-        records = self.store.get_images(ids)
-        return [_hit(records[i], 0.0) for i in ids if i in records]
+        self._encode_pending(writes, state)  # in the caller's thread: concurrent writers encode in parallel
+        records, _ = self._writes.submit(([w for w, _ in writes], []))
+        return [_hit(r, 0.0) for r in records]
+
+    def _commit_group(self, ops: Sequence[_WriteOp]) -> list[_WriteResult]:
+        """Commit the writes and deletes of concurrent callers in one transaction, then make them visible to
+        this process's searches (each caller returns after this)."""
+        puts = [w for p, _ in ops for w in p]
+        done = self.store.write_photos(puts, [k for _, keys in ops for k in keys])
+        out: list[_WriteResult] = []
+        start = 0
+        deleted = dict(done.deleted)
+        for p, keys in ops:
+            mine = {k: deleted.pop(k) for k in dict.fromkeys(keys) if k in deleted}  # a key deleted twice: once
+            out.append((done.records[start : start + len(p)], list(mine.values())))
+            start += len(p)
+        try:
+            if not self._apply_own(puts, done):
+                self._catch_up(wait=True)
+        except RuclipSearchError:  # committed all the same: the next search's catch-up tries again
+            log.warning("index %s: catching up after a write failed", self.store.dir, exc_info=True)
+        self._maybe_compact()
+        return out
+
+    def _apply_own(self, puts: list[PhotoWrite], done: PhotosWritten) -> bool:
+        """Put this process's own committed write into the segment from memory, without reading the change log
+        back: only when nothing else changed the index between the segment and this write (its seqs follow
+        the segment's last and the FAISS file is the loaded one); False otherwise (the caller catches up)."""
+        with self._refresh_lock:
+            state = self._state
+            segment = state.segment
+            if segment is None or done.first_seq == 0:
+                return done.first_seq == 0 and segment is not None
+            if done.first_seq != segment.seq + 1 or done.index_version != state.version or state.dim is None:
+                return False
+            gone = set(done.deleted.values())
+            live = {r.id: w.embedding for r, w in zip(done.records, puts, strict=True) if r.id not in gone}
+            vecs = decode_embeddings(list(live.values()), state.dim) if live else np.zeros((0, state.dim), np.float32)
+            ids = np.fromiter(live, dtype=np.int64, count=len(live))
+            gone_ids = np.array(sorted(gone), dtype=np.int64)
+            self._state = replace(state, segment=segment.apply(ids, vecs, gone_ids, done.last_seq))
+            return True
 
     def _photo_write(self, item: dict[str, Any], state: _State) -> tuple[PhotoWrite, Any]:
         """A validated PhotoWrite (embedding still empty for an image) and the pixels to encode, if any."""
@@ -1059,9 +1108,7 @@ class Index:
         keys = [validate_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
         if not keys:
             return 0
-        ids = self.store.delete_keys(keys)
-        self._catch_up(wait=True)
-        return len(ids)
+        return len(self._writes.submit(([], keys))[1])
 
     def compact(self, memory_budget: int | None = None) -> dict[str, Any]:
         """Fold the segment into the FAISS file (under the index lock) and empty it; returns the new file's
@@ -1075,7 +1122,7 @@ class Index:
         t0 = time.perf_counter()
         state = self._live_state()
         folded = state.segment.size if state.segment is not None else 0
-        with IndexLock(self.store.dir):
+        with IndexLock(self.store.dir, db=self.store.url):
             info = write_faiss(self.store, memory_budget=memory_budget)
         if info is None:
             raise QueryError(f"Index {str(self.store.dir)!r} has no model recorded yet: create it first.")

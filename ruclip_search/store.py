@@ -1,13 +1,16 @@
-"""The index's SQLite database (SQLAlchemy Core): roots, per-image metadata and float16 embeddings, meta keys.
+"""The index's database (SQLAlchemy Core): roots, per-image metadata and float16 embeddings, meta keys.
 
+SQLite (`index.db` in the index folder) by default; PostgreSQL when a `db` URL is given (the folder then holds
+only the FAISS files and the lock). Every statement for both lives here; dialect differences stay inside.
 Writers (the indexer) hold the directory lock; readers (search, server) use the read API below and may run
-at any time, since SQLite in WAL mode gives them a consistent snapshot.
+at any time: SQLite in WAL mode, and PostgreSQL, give them a consistent snapshot.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -26,23 +29,29 @@ from .filters import SearchFilters, validate_key, validate_name
 
 DB_NAME = "index.db"
 LOCK_NAME = ".lock"
+COPY_CHUNK = 5_000  # rows per round trip when copying an index between databases (~8 MB of 768-d embeddings)
+
+#: Ids are FAISS's int64 ids: BIGINT on PostgreSQL; on SQLite `INTEGER PRIMARY KEY` (the 64-bit rowid).
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_BIG = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # sizes and nanosecond mtimes overflow int32
+_TIME = sa.REAL().with_variant(sa.Double(), "postgresql")  # PostgreSQL's REAL is float4: seconds since 1970 need 8
 
 metadata = sa.MetaData()
 meta_table = sa.Table("meta", metadata, sa.Column("key", sa.Text, primary_key=True), sa.Column("value", sa.Text))
 roots_table = sa.Table(
     "roots",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("id", _ID, primary_key=True),
     sa.Column("path", sa.LargeBinary, nullable=False, unique=True),
 )
 images_table = sa.Table(
     "images",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("root_id", sa.Integer, sa.ForeignKey("roots.id")),  # NULL (with relpath) for photos put by key
+    sa.Column("id", _ID, primary_key=True),
+    sa.Column("root_id", _ID, sa.ForeignKey("roots.id")),  # NULL (with relpath) for photos put by key
     sa.Column("relpath", sa.LargeBinary),
-    sa.Column("size", sa.Integer, nullable=False),
-    sa.Column("mtime_ns", sa.Integer, nullable=False),
+    sa.Column("size", _BIG, nullable=False),
+    sa.Column("mtime_ns", _BIG, nullable=False),
     sa.Column("content_hash", sa.LargeBinary),
     sa.Column("width", sa.Integer),
     sa.Column("height", sa.Integer),
@@ -50,7 +59,7 @@ images_table = sa.Table(
     sa.Column("taken_at", sa.Text),
     sa.Column("camera_make", sa.Text),
     sa.Column("camera_model", sa.Text),
-    sa.Column("indexed_at", sa.REAL),
+    sa.Column("indexed_at", _TIME),
     sa.Column("error", sa.Text),
     sa.Column("embedding", sa.LargeBinary),
     sa.Column("key", sa.Text),  # the application's id of a photo put through the API (NULL for folder files)
@@ -58,13 +67,19 @@ images_table = sa.Table(
     sa.UniqueConstraint("root_id", "relpath"),
     sa.Index("ix_images_content_hash", "content_hash"),
     sa.Index("ix_images_key", "key", unique=True),
-    sa.Index("ix_images_collection", "collection", "id", sqlite_where=sa.text("embedding IS NOT NULL")),
+    sa.Index(
+        "ix_images_collection",
+        "collection",
+        "id",
+        sqlite_where=sa.text("embedding IS NOT NULL"),
+        postgresql_where=sa.text("embedding IS NOT NULL"),
+    ),  # fmt: skip
     sqlite_autoincrement=True,  # ids are FAISS ids: never reuse the id of a deleted row
 )
 labels_table = sa.Table(
     "labels",
     metadata,
-    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("image_id", _ID, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("label", sa.Text, primary_key=True),
     sa.Index("ix_labels_label", "label", "image_id"),
 )
@@ -73,8 +88,8 @@ labels_table = sa.Table(
 changes_table = sa.Table(
     "changes",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True),
-    sa.Column("image_id", sa.Integer, nullable=False),
+    sa.Column("seq", _ID, primary_key=True),
+    sa.Column("image_id", _ID, nullable=False),
     sqlite_autoincrement=True,
 )
 
@@ -151,6 +166,50 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# PostgreSQL's text of a migration whose SQLite text does not run there (BLOB, AUTOINCREMENT, sqlite_sequence,
+# a table rebuild to drop NOT NULL); a migration not named here runs on PostgreSQL as written. Same frozen rule.
+# A new migration: write portable SQL (TEXT, INTEGER, ADD COLUMN, CREATE INDEX) or add its variant here;
+# tests/test_pg.py checks that both dialects end with exactly the tables store.py declares.
+PG_MIGRATIONS: dict[str, list[str]] = {
+    "m001_initial": [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+        "CREATE TABLE roots (id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, path BYTEA NOT NULL UNIQUE)",
+        """CREATE TABLE images (
+            id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+            root_id BIGINT NOT NULL REFERENCES roots(id),
+            relpath BYTEA NOT NULL,
+            size BIGINT NOT NULL,
+            mtime_ns BIGINT NOT NULL,
+            content_hash BYTEA,
+            width INTEGER, height INTEGER, format TEXT,
+            indexed_at DOUBLE PRECISION,
+            error TEXT,
+            embedding BYTEA,
+            UNIQUE (root_id, relpath))""",
+    ],
+    "m003_online_store": [
+        "ALTER TABLE images ALTER COLUMN root_id DROP NOT NULL",
+        "ALTER TABLE images ALTER COLUMN relpath DROP NOT NULL",
+        "ALTER TABLE images ADD COLUMN key TEXT",
+        "ALTER TABLE images ADD COLUMN collection TEXT",
+        "CREATE UNIQUE INDEX ix_images_key ON images (key)",
+        "CREATE INDEX ix_images_collection ON images (collection, id) WHERE embedding IS NOT NULL",
+        """CREATE TABLE labels (
+            image_id BIGINT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            label TEXT NOT NULL,
+            PRIMARY KEY (image_id, label))""",
+        "CREATE INDEX ix_labels_label ON labels (label, image_id)",
+        "CREATE TABLE changes (seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, image_id BIGINT NOT NULL)",
+    ],
+}
+
+
+def migration_sql(index: int, dialect: str) -> list[str]:
+    """The statements of MIGRATIONS[index] for a dialect ("sqlite" or "postgresql")."""
+    name, statements = MIGRATIONS[index]
+    return PG_MIGRATIONS.get(name, statements) if dialect == "postgresql" else statements
+
 
 #: Every image column but the embedding (what readers load per record), from the table definition.
 IMAGE_COLUMNS = tuple(c.name for c in images_table.columns if c.name != "embedding")
@@ -294,15 +353,51 @@ class ImageRecord:
     labels: tuple[str, ...] = ()
 
 
-def _record_columns() -> list[Any]:
-    """What readers select per record: IMAGE_COLUMNS and the image's labels joined by _LABEL_SEP (`labels`)."""
+class _Statements(NamedTuple):
+    roots: Any
+    records_by_id: Any
+    record_by_key: Any
+    embeddings_by_id: Any
+    ids_by_key: Any
+
+
+@functools.cache
+def _statements() -> _Statements:
+    """The statements of the hot read and write paths, built once: building a SQLAlchemy statement and its
+    cache key cost more than SQLite took to run it (a third of a search's CPU at 1M photos)."""
+    c = images_table.c
+    ids, keys = sa.bindparam("ids", expanding=True), sa.bindparam("keys", expanding=True)
+    return _Statements(
+        roots=sa.select(roots_table.c.id, roots_table.c.path),
+        records_by_id=sa.select(*_record_columns()).where(c.id.in_(ids)),
+        record_by_key=sa.select(*_record_columns()).where(c.key == sa.bindparam("key")),
+        embeddings_by_id=sa.select(c.id, c.embedding).where(c.id.in_(ids), c.embedding.is_not(None)),
+        ids_by_key=sa.select(c.key, c.id).where(c.key.in_(keys)),
+    )
+
+
+class PhotosWritten(NamedTuple):
+    """What `Store.write_photos` did: the records put (in order), deleted key -> id, the first and last change
+    seq it logged (0, 0: none) and the FAISS file version (`index_version`) current when it committed."""
+
+    records: list[ImageRecord]
+    deleted: dict[str, int]
+    first_seq: int
+    last_seq: int
+    index_version: int
+
+
+@functools.cache
+def _record_columns() -> tuple[Any, ...]:
+    """What readers select per record: IMAGE_COLUMNS and the image's labels joined by _LABEL_SEP (`labels`).
+    Built once: constructing the correlated subquery cost more than running it."""
     joined = (
-        sa.select(sa.func.group_concat(labels_table.c.label, _LABEL_SEP))
+        sa.select(sa.func.aggregate_strings(labels_table.c.label, _LABEL_SEP))  # group_concat / string_agg
         .where(labels_table.c.image_id == images_table.c.id)
         .scalar_subquery()
         .label("labels")
     )
-    return [*(images_table.c[c] for c in IMAGE_COLUMNS), joined]
+    return (*(images_table.c[c] for c in IMAGE_COLUMNS), joined)
 
 
 def encode_embedding(vec: np.ndarray) -> bytes:
@@ -377,6 +472,12 @@ def _rows_or_nan(found: dict[int, bytes], ids: Sequence[int], dim: int) -> np.nd
     return out
 
 
+def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
+    """`items` in slices of `size` (an IN list stays under SQLite's bound-variable limit)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 def _on_connect(readonly: bool):
     def connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
         cur = dbapi_conn.cursor()
@@ -427,44 +528,140 @@ def _damaged(db_path: Path, readonly: bool) -> Callable[[Any], None]:
     return handle
 
 
-def _require_index(index_dir: str | os.PathLike[str]) -> None:
-    """Raise IndexNotFoundError unless `index_dir` holds an index database (creates nothing)."""
+#: pg_advisory_xact_lock key of schema migrations (any constant: one database per index)
+_MIGRATION_LOCK = 0x72_75_63_6C_69_70  # "ruclip"
+
+
+def _dialect_insert(conn: sa.Connection, table: sa.Table) -> Any:
+    """INSERT with the dialect's ON CONFLICT clauses (SQLite and PostgreSQL spell them alike)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
+
+
+def _pg_url(db: str) -> sa.URL:
+    """A PostgreSQL URL for SQLAlchemy (`postgresql://` means psycopg 3); StorageError for anything else."""
+    try:
+        url = sa.make_url(db)
+    except sa.exc.ArgumentError:
+        url = None
+    if url is None or url.get_backend_name() != "postgresql":
+        raise StorageError(
+            f"--db takes a PostgreSQL URL such as postgresql+psycopg://user@host/dbname, not {db!r} "
+            "(an SQLite index needs no --db: its database is index.db in the index folder)."
+        )
+    return url.set(drivername="postgresql+psycopg") if url.drivername == "postgresql" else url
+
+
+def _pg_engine(url: sa.URL, readonly: bool) -> sa.Engine:
+    """A pooled engine (readers poll the change log often: no connect per query); readers' sessions are
+    read-only, as SQLite readers open the file with mode=ro."""
+    try:
+        engine = sa.create_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
+    except ModuleNotFoundError as e:
+        raise StorageError(
+            f"PostgreSQL needs the psycopg driver ({e}): pip install 'ruclip-search[postgresql]'."
+        ) from e
+    if readonly:
+
+        def connect(dbapi_conn: Any, _record: Any) -> None:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            dbapi_conn.commit()
+
+        sa.event.listen(engine, "connect", connect)
+    return engine
+
+
+def _unreachable(where: str) -> Callable[[Any], None]:
+    """A `handle_error` hook for PostgreSQL: a server that cannot be reached (or went away) is a StorageError
+    (the server's 503) for readers and writers alike, with a hint; other errors keep their own handlers."""
+    import psycopg
+
+    def handle(context: Any) -> None:
+        exc = context.original_exception
+        if context.is_disconnect or (
+            isinstance(exc, psycopg.OperationalError) and not isinstance(exc, psycopg.errors.TransactionRollback)
+        ):
+            raise StorageError(
+                f"Cannot reach the index database {where} ({str(exc).strip()}): check the --db URL "
+                "(RUCLIP_SEARCH_DB) and that the PostgreSQL server is running."
+            ) from exc
+
+    return handle
+
+
+def _require_index(index_dir: str | os.PathLike[str], db: str | None = None) -> None:
+    """Raise IndexNotFoundError unless `index_dir` holds an index database (creates nothing); with a
+    PostgreSQL `db` the folder (of FAISS files) must exist."""
+    if db is not None:
+        if not Path(index_dir).is_dir():
+            raise IndexNotFoundError(
+                f"No index folder {os.fspath(index_dir)!r} (it holds the FAISS files of the index in the "
+                "database): build one with `ruclip-index build PHOTOS_DIR --index DIR --db URL`."
+            )
+        return
     if not (Path(index_dir) / DB_NAME).is_file():
         raise IndexNotFoundError(
-            f"No index at {os.fspath(index_dir)!r}: build one with `ruclip-index build PHOTOS_DIR`."
+            f"No index at {os.fspath(index_dir)!r}: build one with `ruclip-index build PHOTOS_DIR` "
+            "(pass --db URL if its metadata lives in PostgreSQL)."
         )
 
 
 class Store:
-    """Handle on an index directory's database. Use `Store.open` (readers) or `Store.create` (the indexer)."""
+    """Handle on an index's database. Use `Store.open` (readers) or `Store.create` (the indexer).
 
-    def __init__(self, index_dir: str | os.PathLike[str], *, readonly: bool = True) -> None:
+    `db`: None for SQLite in `index_dir`, or a PostgreSQL URL (one database per index; `index_dir` then holds
+    only the FAISS files and the lock).
+    """
+
+    def __init__(self, index_dir: str | os.PathLike[str], *, readonly: bool = True, db: str | None = None) -> None:
         self.dir = Path(index_dir)
-        self.db_path = self.dir / DB_NAME
         self.readonly = readonly
-        pool = sa.pool.NullPool if readonly else sa.pool.QueuePool
-        self.engine = sa.create_engine("sqlite://", creator=_connector(self.db_path, readonly), poolclass=pool)
-        sa.event.listen(self.engine, "connect", _on_connect(readonly))
-        sa.event.listen(self.engine, "handle_error", _damaged(self.db_path, readonly))
+        self.url = db
+        if db is None:
+            self.db_path: Path | None = self.dir / DB_NAME
+            self.where = repr(str(self.db_path))
+            pool = sa.pool.NullPool if readonly else sa.pool.QueuePool
+            self.engine = sa.create_engine("sqlite://", creator=_connector(self.db_path, readonly), poolclass=pool)
+            sa.event.listen(self.engine, "connect", _on_connect(readonly))
+            sa.event.listen(self.engine, "handle_error", _damaged(self.db_path, readonly))
+        else:
+            url = _pg_url(db)
+            self.db_path = None
+            self.where = url.render_as_string(hide_password=True)
+            self.engine = _pg_engine(url, readonly)
+            sa.event.listen(self.engine, "handle_error", _unreachable(self.where))
+        self.dialect = self.engine.dialect.name  # "sqlite" or "postgresql"
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, index_dir: str | os.PathLike[str], *, readonly: bool = True) -> Store:
+    def open(cls, index_dir: str | os.PathLike[str], *, readonly: bool = True, db: str | None = None) -> Store:
         """Open an existing index (raises IndexNotFoundError, or StorageError if its schema is newer).
 
         A reader that finds an older schema upgrades it in place when that is safe (the folder is writable
         and no build holds the lock), else raises a StorageError that says to run a build.
         """
-        _require_index(index_dir)
-        store = cls(index_dir, readonly=readonly)
+        _require_index(index_dir, db)
+        store = cls(index_dir, readonly=readonly, db=db)
         try:
             version = store.schema_version()
+            if version == 0 and db is not None:
+                raise IndexNotFoundError(
+                    f"No index in database {store.where}: build one with `ruclip-index build PHOTOS_DIR "
+                    f"--index {os.fspath(index_dir)} --db URL` (or `ruclip-index create`)."
+                )
             if version > SCHEMA_VERSION:
                 raise StorageError(
                     f"Index {os.fspath(index_dir)!r} has schema {version}, newer than this ruclip-search "
                     f"({SCHEMA_VERSION}): upgrade ruclip-search."
                 )
-            if version < SCHEMA_VERSION and readonly:
+            if version < SCHEMA_VERSION and readonly and db is not None:  # concurrent migrations: advisory lock
+                store.close()
+                with cls(index_dir, readonly=False, db=db) as writer:
+                    writer.migrate()
+                store = cls(index_dir, readonly=True, db=db)
+            elif version < SCHEMA_VERSION and readonly:
                 store.close()
                 cls._upgrade_for_reader(index_dir, version)
                 store = cls(index_dir, readonly=True)
@@ -503,13 +700,14 @@ class Store:
             lock.release()
 
     @classmethod
-    def create(cls, index_dir: str | os.PathLike[str]) -> Store:
-        """Open an index for writing, creating the directory and database, and applying pending migrations."""
+    def create(cls, index_dir: str | os.PathLike[str], *, db: str | None = None) -> Store:
+        """Open an index for writing, creating the directory and database (tables, in a PostgreSQL `db`), and
+        applying pending migrations."""
         try:
             Path(index_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StorageError(f"Cannot create index folder {os.fspath(index_dir)!r}: {e.strerror}.") from e
-        store = cls(index_dir, readonly=False)
+        store = cls(index_dir, readonly=False, db=db)
         try:
             store.migrate()
         except BaseException:
@@ -531,32 +729,42 @@ class Store:
         """The schema the database is at (0: empty); StorageError when it is not an index database."""
         try:
             with self.engine.connect() as conn:
-                has_meta = conn.execute(
-                    sa.text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'")
-                ).first()
-                if not has_meta:
-                    return 0
-                row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
-                return int(row[0]) if row else 0
+                return self._read_version(conn)
         except sa.exc.DBAPIError as e:
             raise StorageError(
-                f"Cannot read {str(self.db_path)!r} ({e.orig}): it is not an index database, or it is damaged; "
+                f"Cannot read {self.where} ({e.orig}): it is not an index database, or it is damaged; "
                 "build the index again into a new folder."
             ) from e
 
+    @staticmethod
+    def _read_version(conn: sa.Connection) -> int:
+        if not sa.inspect(conn).has_table("meta"):
+            return 0
+        row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
+        return int(row[0]) if row else 0
+
     def migrate(self, target: int = SCHEMA_VERSION) -> int:
-        """Apply migrations up to `target`, each in its own transaction; returns the new version."""
+        """Apply migrations up to `target`, each in its own transaction; returns the new version.
+
+        On PostgreSQL several processes may open a new database at once: each migration runs under a
+        transaction-scoped advisory lock and re-reads the version inside it (SQLite writers hold the index lock).
+        """
         version = self.schema_version()
         try:
             while version < target:
-                name, statements = MIGRATIONS[version]
                 with self.engine.begin() as conn:
-                    for stmt in statements:
+                    if self.dialect == "postgresql":
+                        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+                        version = self._read_version(conn)
+                        if version >= target:
+                            break
+                    for stmt in migration_sql(version, self.dialect):
                         conn.exec_driver_sql(stmt)
+                    name = MIGRATIONS[version][0]
                     self._set_meta(conn, schema_version=str(version + 1), **{f"migration_{version + 1:03d}": name})
                 version += 1
         except sa.exc.DBAPIError as e:
-            raise StorageError(f"Cannot upgrade the index database {str(self.db_path)!r}: {e.orig}.") from e
+            raise StorageError(f"Cannot upgrade the index database {self.where}: {e.orig}.") from e
         return version
 
     # -- meta ----------------------------------------------------------------------------------------
@@ -573,9 +781,11 @@ class Store:
     @staticmethod
     def _set_meta(conn: sa.Connection, **values: str | None) -> None:
         for key, value in values.items():
-            conn.execute(sa.delete(meta_table).where(meta_table.c.key == key))
-            if value is not None:
-                conn.execute(sa.insert(meta_table).values(key=key, value=value))
+            if value is None:
+                conn.execute(sa.delete(meta_table).where(meta_table.c.key == key))
+            else:  # an upsert: a delete + insert raced another process's on PostgreSQL (duplicate key)
+                stmt = _dialect_insert(conn, meta_table).values(key=key, value=value)
+                conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": value}))
 
     def set_meta(self, **values: str | None) -> None:
         """Set (or with None, delete) meta keys in one transaction."""
@@ -611,7 +821,7 @@ class Store:
         # Read once per query, in its connection, never cached across calls: a running server must see the
         # roots a later build adds (else `under=` a new root finds nothing), and a rebuild may replace the whole
         # database. The table has a handful of rows, so this costs next to nothing.
-        rows = conn.execute(sa.select(roots_table.c.id, roots_table.c.path)).all()
+        rows = conn.execute(_statements().roots).all()
         return {rid: os.fsdecode(path) for rid, path in rows}
 
     def _record(self, row: sa.Row[Any], roots: dict[int, str]) -> ImageRecord:
@@ -645,15 +855,15 @@ class Store:
 
     def get_images(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         """Records for the given ids (those that exist), keyed by id."""
-        ids = [int(i) for i in ids]
-        out: dict[int, ImageRecord] = {}
-        cols = _record_columns()
         with self.engine.connect() as conn:
-            roots = self._read_roots(conn)
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                for row in conn.execute(sa.select(*cols).where(images_table.c.id.in_(chunk))):
-                    out[row.id] = self._record(row, roots)
+            return self._records(conn, ids)
+
+    def _records(self, conn: sa.Connection, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        out: dict[int, ImageRecord] = {}
+        roots = self._read_roots(conn)
+        for chunk in _chunks([int(i) for i in ids]):
+            for row in conn.execute(_statements().records_by_id, {"ids": chunk}):
+                out[row.id] = self._record(row, roots)
         return out
 
     def get_image(self, image_id: int) -> ImageRecord | None:
@@ -662,14 +872,19 @@ class Store:
     def get_by_key(self, key: str) -> ImageRecord | None:
         """The record of the photo put with this key, or None."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(*_record_columns()).where(images_table.c.key == key)).first()
+            row = conn.execute(_statements().record_by_key, {"key": key}).first()
             return self._record(row, self._read_roots(conn)) if row is not None else None
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sa.Connection]:
-        """A connection in one read transaction: every query in it sees the same committed state (WAL)."""
+        """A connection in one read transaction: every query in it sees the same committed state (SQLite's WAL;
+        PostgreSQL's REPEATABLE READ, since its default READ COMMITTED takes a new snapshot per statement)."""
         with self.engine.connect() as conn:
-            conn.exec_driver_sql("BEGIN")
+            if self.dialect == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                conn.begin()
+            else:
+                conn.exec_driver_sql("BEGIN")
             try:
                 yield conn
             finally:
@@ -735,7 +950,7 @@ class Store:
             query = query.where(images_table.c.error.is_(None))
         with self.engine.connect() as conn:
             roots = self._read_roots(conn)
-            for row in conn.execute(query):
+            for row in conn.execution_options(yield_per=1000).execute(query):  # a server-side cursor on PG
                 yield self._record(row, roots)
 
     def filter_ids(self, filters: SearchFilters) -> np.ndarray | None:
@@ -795,12 +1010,8 @@ class Store:
         dim = self.dim or 0
         found: dict[int, bytes] = {}
         with self.engine.connect() as conn:
-            for start in range(0, len(ids), 500):
-                chunk = [int(i) for i in ids[start : start + 500]]
-                query = sa.select(images_table.c.id, images_table.c.embedding).where(
-                    images_table.c.id.in_(chunk), images_table.c.embedding.is_not(None)
-                )
-                found.update((r[0], r[1]) for r in conn.execute(query))
+            for chunk in _chunks([int(i) for i in ids]):
+                found.update((r[0], r[1]) for r in conn.execute(_statements().embeddings_by_id, {"ids": chunk}))
         missing = [i for i in ids if int(i) not in found]
         if missing:
             raise KeyError(missing[0])
@@ -892,10 +1103,11 @@ class Store:
     def info(self) -> dict[str, Any]:
         """Summary for `ruclip-index info`: counts, model, index type, dim, recall, size on disk."""
         meta = self.meta()
-        size = sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file()) if self.dir.is_dir() else 0
         recall = meta.get("recall_at_10")
         return {
             "index": str(self.dir),
+            "db": self.where if self.url is not None else None,  # PostgreSQL (password hidden); None: index.db
             **self.counts(),
             "roots": sorted(self.roots().values()),
             "model": meta.get("model"),
@@ -983,14 +1195,21 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sa.Connection]:
-        """One write transaction that also bumps `data_version`, so the FAISS file is known to be stale."""
+        """One write transaction that also bumps `data_version`, so the FAISS file is known to be stale.
+
+        Write transactions run one at a time, as on SQLite (see `_serialise_writers`)."""
         try:
             with self.engine.begin() as conn:
+                self._serialise_writers(conn)
                 row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "data_version")).first()
                 yield conn
-                self._set_meta(conn, data_version=str(int(row[0]) + 1 if row else 1))
+                if row is None:
+                    self._set_meta(conn, data_version="1")
+                else:
+                    version = meta_table.c.key == "data_version"
+                    conn.execute(sa.update(meta_table).where(version).values(value=str(int(row[0]) + 1)))
         except sa.exc.OperationalError as e:
-            raise StorageError(f"Cannot write the index database {str(self.db_path)!r}: {e.orig}.") from e
+            raise StorageError(f"Cannot write the index database {self.where}: {e.orig}.") from e
 
     @classmethod
     def set_model(cls, conn: sa.Connection, name: str, dim: int) -> None:
@@ -998,11 +1217,34 @@ class Store:
         cls._set_meta(conn, model=name, dim=str(dim))
 
     @staticmethod
-    def log_changes(conn: sa.Connection, ids: Iterable[int]) -> None:
+    def _serialise_writers(conn: sa.Connection) -> None:
+        """Make change seqs commit-ordered on PostgreSQL: hold an EXCLUSIVE lock on `changes` to commit.
+
+        A sequence is not commit-ordered: a writer that drew seq 5 may commit after one that drew 6, and a
+        reader that followed `seq > 4` up to 6 would never see 5. With this lock taken before any seq is drawn
+        and held to commit, seqs are drawn in commit order (readers are not blocked: they take ACCESS SHARE).
+        Taken first in every write transaction, not just before the insert, so that writers never wait on
+        each other's row locks while holding it (a deadlock). SQLite has one writer at a time anyway.
+        """
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("LOCK TABLE changes IN EXCLUSIVE MODE")
+
+    @classmethod
+    def log_changes(cls, conn: sa.Connection, ids: Iterable[int]) -> None:
         """Append a change row per id (its embedding was written, replaced or deleted) in this transaction."""
         rows = [{"image_id": int(i)} for i in ids]
         if rows:
+            cls._serialise_writers(conn)  # held already in `transaction()`; a no-op then
             conn.execute(sa.insert(changes_table), rows)
+
+    @staticmethod
+    def _log(conn: sa.Connection, ids: list[int]) -> list[int]:
+        """`log_changes`, returning the seqs given, in order."""
+        if not ids:
+            return []
+        Store._serialise_writers(conn)  # held already in `transaction()`; a no-op then
+        stmt = sa.insert(changes_table).returning(changes_table.c.seq, sort_by_parameter_order=True)
+        return [int(r[0]) for r in conn.execute(stmt, [{"image_id": int(i)} for i in ids])]
 
     @classmethod
     def upsert_image(cls, conn: sa.Connection, row: ImageWrite, image_id: int | None = None) -> int:
@@ -1020,49 +1262,95 @@ class Store:
     def put_photos(self, writes: Sequence[PhotoWrite]) -> list[int]:
         """In ONE transaction, insert each photo, or replace the row with its key (keeping its id) and its
         labels; logs the changes; returns the ids in order. QueryError (nothing written) for bad input."""
-        values = [w.values() for w in writes]  # validate all before writing any
-        c = images_table.c
-        ids: list[int] = []
-        try:
-            with self.transaction() as conn:
-                for w, vals in zip(writes, values, strict=True):
-                    row = conn.execute(sa.select(c.id).where(c.key == w.key)).first()
-                    if row is None and w.root_id is not None:  # a file a folder build indexed: adopt its row
-                        row = conn.execute(
-                            sa.select(c.id, c.key).where(c.root_id == w.root_id, c.relpath == w.relpath)
-                        ).first()
-                        if row is not None and row[1] is not None:
-                            raise QueryError(
-                                f"That file is already stored as photo {row[1]!r}: put it with that key, or "
-                                f"delete {row[1]!r} first."
-                            )
-                    if row is None:
-                        image_id = int(conn.execute(sa.insert(images_table).values(**vals)).inserted_primary_key[0])
-                    else:
-                        image_id = int(row[0])
-                        conn.execute(sa.update(images_table).where(c.id == image_id).values(**vals))
-                        conn.execute(sa.delete(labels_table).where(labels_table.c.image_id == image_id))
-                    if w.labels:
-                        conn.execute(
-                            sa.insert(labels_table),
-                            [{"image_id": image_id, "label": lb} for lb in sorted(set(w.labels))],
-                        )
-                    self.log_changes(conn, [image_id])
-                    ids.append(image_id)
-        except sa.exc.IntegrityError as e:
-            raise QueryError(f"Cannot store these photos ({e.orig}): two of them name the same file.") from e
-        return ids
+        return [r.id for r in self.write_photos(writes, ()).records]
 
     def delete_keys(self, keys: Sequence[str]) -> list[int]:
         """In one transaction, delete the photos with these keys (absent keys are ignored); returns their ids."""
-        keys = list(dict.fromkeys(str(k) for k in keys))
-        ids: list[int] = []
-        with self.transaction() as conn:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                ids += [r[0] for r in conn.execute(sa.select(images_table.c.id).where(images_table.c.key.in_(chunk)))]
-            self.delete_images(conn, ids)
-        return ids
+        return list(self.write_photos((), keys).deleted.values())
+
+    def write_photos(self, writes: Sequence[PhotoWrite], delete: Sequence[str] = ()) -> PhotosWritten:
+        """In ONE transaction: put `writes` (as `put_photos`), then delete the photos keyed `delete`.
+
+        How concurrent API writes are committed together (group commit): a handful of statements per batch,
+        not per photo, and one fsync. A key written twice keeps its last write; a photo deleted by `delete`
+        in the same call is returned as written (it was, then it went). The result also says which change
+        seqs the call logged and the FAISS file version it wrote against, so the writer can make its own
+        writes searchable without reading them back.
+        """
+        values = [w.values() for w in writes]  # validate all before writing any
+        keys = list(dict.fromkeys(str(k) for k in delete))
+        c = images_table.c
+        try:
+            with self.transaction() as conn:
+                ids = self._put(conn, writes, values)
+                deleted: dict[str, int] = {}
+                for chunk in _chunks(keys):
+                    deleted.update((k, int(i)) for k, i in conn.execute(_statements().ids_by_key, {"keys": chunk}))
+                for chunk in _chunks(list(deleted.values())):
+                    conn.execute(sa.delete(images_table).where(c.id.in_(chunk)))
+                seqs = self._log(conn, list(dict.fromkeys(ids)) + list(deleted.values()))
+                roots = self._read_roots(conn) if any(w.root_id is not None for w in writes) else {}
+                version = conn.execute(
+                    sa.select(meta_table.c.value).where(meta_table.c.key == "index_version")
+                ).scalar()
+        except sa.exc.IntegrityError as e:
+            raise QueryError(f"Cannot store these photos ({e.orig}): two of them name the same file.") from e
+        records = [self._written(i, w, v, roots) for i, w, v in zip(ids, writes, values, strict=True)]
+        return PhotosWritten(records, deleted, seqs[0] if seqs else 0, seqs[-1] if seqs else 0, int(version or 0))
+
+    @staticmethod
+    def _written(image_id: int, write: PhotoWrite, values: dict[str, Any], roots: dict[int, str]) -> ImageRecord:
+        """The record of a photo just written, from what was written (no read-back)."""
+        root = rel = path = ""
+        if write.root_id is not None and write.relpath is not None:
+            root, rel = roots[write.root_id], os.fsdecode(write.relpath)
+            path = os.path.join(root, rel)
+        return ImageRecord(
+            image_id, path, root, rel, values["size"], values["mtime_ns"], values["width"], values["height"],
+            values["format"], values["taken_at"], values["camera_make"], values["camera_model"],
+            values["indexed_at"], None, write.key, write.collection, tuple(sorted(set(write.labels))),
+        )  # fmt: skip
+
+    def _put(self, conn: sa.Connection, writes: Sequence[PhotoWrite], values: list[dict[str, Any]]) -> list[int]:
+        """The rows of `writes` inserted or updated in `conn` with set-based statements; their ids in order."""
+        c = images_table.c
+        found: dict[str, int] = {}
+        for chunk in _chunks(list(dict.fromkeys(w.key for w in writes))):
+            found.update((k, int(i)) for k, i in conn.execute(_statements().ids_by_key, {"keys": chunk}))
+        last = {w.key: i for i, w in enumerate(writes)}  # a key written twice: its last write wins
+        inserts: list[int] = []
+        updates: list[int] = []
+        for i, w in enumerate(writes):
+            if last[w.key] != i:
+                continue
+            if w.key not in found and w.root_id is not None:  # a file a folder build indexed: adopt its row
+                row = conn.execute(sa.select(c.id, c.key).where(c.root_id == w.root_id, c.relpath == w.relpath)).first()
+                if row is not None and row[1] is not None:
+                    raise QueryError(
+                        f"That file is already stored as photo {row[1]!r}: put it with that key, or "
+                        f"delete {row[1]!r} first."
+                    )
+                if row is not None:
+                    found[w.key] = int(row[0])
+            (updates if w.key in found else inserts).append(i)
+        if inserts:
+            stmt = sa.insert(images_table).returning(c.id, sort_by_parameter_order=True)
+            for i, (new_id,) in zip(inserts, conn.execute(stmt, [values[i] for i in inserts]), strict=True):
+                found[writes[i].key] = int(new_id)
+        if updates:
+            stmt = sa.update(images_table).where(c.id == sa.bindparam("b_id"))
+            conn.execute(stmt, [{**values[i], "b_id": found[writes[i].key]} for i in updates])
+            replaced = [found[writes[i].key] for i in updates]
+            for chunk in _chunks(replaced):
+                conn.execute(sa.delete(labels_table).where(labels_table.c.image_id.in_(chunk)))
+        labels = [
+            {"image_id": found[writes[i].key], "label": lb}
+            for i in inserts + updates
+            for lb in sorted(set(writes[i].labels))
+        ]
+        if labels:
+            conn.execute(sa.insert(labels_table), labels)
+        return [found[w.key] for w in writes]
 
     @staticmethod
     def touch(conn: sa.Connection, image_id: int, size: int, mtime_ns: int) -> None:
@@ -1091,76 +1379,171 @@ class Store:
         """In ONE transaction, make this index's roots, images and meta those of index `other`, then set `meta`.
 
         How a rebuild goes live: readers see the old index or the new one, never a mix or an empty one. Ids
-        are copied, so `other`'s FAISS file (moved here first) fits. The schema keys stay this database's.
-        The change log is this database's: no rows are logged, and `faiss_seq` becomes its max seq (readers
-        reload everything when `index_version` changes).
+        are copied, so `other`'s FAISS file (moved here first) fits; the id sequence never goes back (a
+        deleted id is never reused). The schema keys stay this database's. The change log is this
+        database's: no rows are logged, and `faiss_seq` becomes its max seq (readers reload everything when
+        `index_version` changes). SQLite into SQLite attaches `other`; anything else streams it in chunks.
         """
+        try:
+            if self.dialect == other.dialect == "sqlite":
+                self._replace_attached(other, **meta)
+                return
+            with self.engine.begin() as conn, other._snapshot() as src:
+                self._serialise_writers(conn)
+                conn.execute(sa.delete(images_table))
+                conn.execute(sa.delete(roots_table))
+                for table in (roots_table, images_table, labels_table):
+                    _copy_rows(src, conn, table)
+                conn.execute(sa.delete(meta_table).where(~_structural(meta_table.c.key)))
+                _copy_rows(src, conn, meta_table, sa.select(*meta_table.c).where(~_structural(meta_table.c.key)))
+                _advance_sequences(conn, {})
+                self._swapped(conn, meta)
+        except sa.exc.OperationalError as e:
+            raise StorageError(f"Cannot write the index database {self.where}: {e.orig}.") from e
+
+    def _swapped(self, conn: sa.Connection, meta: dict[str, str | None]) -> None:
+        """The end of a swap: bump `data_version` (readers drop caches keyed on it); the FAISS file matches it."""
+        row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "data_version")).first()
+        version = str(int(row[0]) + 1 if row else 1)
+        self._set_meta(
+            conn, **meta, data_version=version, faiss_data_version=version, faiss_seq=str(self._max_seq(conn)),
+        )  # fmt: skip
+
+    def _replace_attached(self, other: Store, **meta: str | None) -> None:
+        """`replace_with` for two SQLite databases: INSERT ... SELECT from `other` attached (all in C)."""
         staged = sa.MetaData()
         s_roots, s_images, s_meta, s_labels = (
             t.to_metadata(staged, schema="staged") for t in (roots_table, images_table, meta_table, labels_table)
         )
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("ATTACH DATABASE :path AS staged"), {"path": os.path.abspath(other.db_path or "")})
+            conn.commit()  # ATTACH cannot run inside a transaction
+            try:
+                with conn.begin():
+                    conn.execute(sa.delete(images_table))
+                    conn.execute(sa.delete(roots_table))
+                    conn.execute(sa.insert(roots_table).from_select(list(roots_table.c.keys()), sa.select(*s_roots.c)))
+                    conn.execute(
+                        sa.insert(images_table).from_select(list(images_table.c.keys()), sa.select(*s_images.c))
+                    )
+                    conn.execute(
+                        sa.insert(labels_table).from_select(list(labels_table.c.keys()), sa.select(*s_labels.c))
+                    )
+                    conn.execute(sa.delete(meta_table).where(~_structural(meta_table.c.key)))
+                    conn.execute(
+                        sa.insert(meta_table).from_select(
+                            ["key", "value"],
+                            sa.select(s_meta.c.key, s_meta.c.value).where(~_structural(s_meta.c.key)),
+                        )
+                    )
+                    self._swapped(conn, meta)
+            finally:
+                conn.execute(sa.text("DETACH DATABASE staged"))
+                conn.commit()
 
-        def structural(key: Any) -> Any:
-            return sa.or_(key == "schema_version", key.like("migration%"))
+    def copy_into(self, dest: Store, chunk: int | None = None, progress: Callable[[str, int], None] | None = None
+                  ) -> dict[str, int]:  # fmt: skip
+        """Copy this whole index (rows with their ids, labels, change log, meta) into `dest`, whose database
+        must hold no index yet: `ruclip-index migrate` between SQLite and PostgreSQL.
 
+        Read from one snapshot and written in ONE transaction (a failed copy leaves `dest` empty), streamed
+        `chunk` rows at a time (never the whole index in memory). `dest`'s id sequences end past every id
+        this index ever gave, deleted ones included. `progress(table, rows so far)`. Returns rows per table.
+        """
+        if dest.schema_version() != SCHEMA_VERSION or self.schema_version() != SCHEMA_VERSION:
+            raise StorageError("Both indexes must be at the current schema: open each with this version first.")
+        with dest.engine.connect() as conn:
+            taken = conn.execute(sa.select(sa.func.count()).select_from(images_table)).scalar_one()
+            model = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "model")).first()
+        if taken or model:
+            raise StorageError(
+                f"The database {dest.where} already holds an index ({taken} images): migrate into an empty one."
+            )
+        counts: dict[str, int] = {}
+        chunk = chunk or COPY_CHUNK
         try:
-            with self.engine.connect() as conn:
-                conn.execute(sa.text("ATTACH DATABASE :path AS staged"), {"path": os.path.abspath(other.db_path)})
-                conn.commit()  # ATTACH cannot run inside a transaction
-                try:
-                    with conn.begin():
-                        row = conn.execute(
-                            sa.select(meta_table.c.value).where(meta_table.c.key == "data_version")
-                        ).first()
-                        conn.execute(sa.delete(images_table))
-                        conn.execute(sa.delete(roots_table))
-                        conn.execute(
-                            sa.insert(roots_table).from_select(list(roots_table.c.keys()), sa.select(*s_roots.c))
-                        )
-                        conn.execute(
-                            sa.insert(images_table).from_select(list(images_table.c.keys()), sa.select(*s_images.c))
-                        )
-                        conn.execute(
-                            sa.insert(labels_table).from_select(list(labels_table.c.keys()), sa.select(*s_labels.c))
-                        )
-                        conn.execute(sa.delete(meta_table).where(~structural(meta_table.c.key)))
-                        conn.execute(
-                            sa.insert(meta_table).from_select(
-                                ["key", "value"],
-                                sa.select(s_meta.c.key, s_meta.c.value).where(~structural(s_meta.c.key)),
-                            )
-                        )
-                        # the data changed (readers drop caches keyed on it); the FAISS file matches it
-                        version = str(int(row[0]) + 1 if row else 1)
-                        self._set_meta(
-                            conn, **meta, data_version=version, faiss_data_version=version,
-                            faiss_seq=str(self._max_seq(conn)),
-                        )  # fmt: skip
-                finally:
-                    conn.execute(sa.text("DETACH DATABASE staged"))
-                    conn.commit()
+            with self._snapshot() as src, dest.engine.begin() as dst:
+                dest._serialise_writers(dst)
+                for table in (roots_table, images_table, labels_table, changes_table):
+                    report = (lambda n, t=table.name: progress(t, n)) if progress is not None else None
+                    counts[table.name] = _copy_rows(src, dst, table, chunk=chunk, progress=report)
+                rows = src.execute(sa.select(*meta_table.c).where(~_structural(meta_table.c.key))).all()
+                dest._set_meta(dst, **{k: v for k, v in rows})
+                _advance_sequences(dst, {t: _high_water(src, t) for t in _SEQUENCES})
         except sa.exc.OperationalError as e:
-            raise StorageError(f"Cannot write the index database {str(self.db_path)!r}: {e.orig}.") from e
+            raise StorageError(f"Cannot copy the index into {dest.where}: {e.orig}.") from e
+        return counts
 
     @classmethod
     def delete_images(cls, conn: sa.Connection, ids: Iterable[int]) -> None:
         """Delete rows (their labels go with them) and log the changes."""
         ids = [int(i) for i in ids]
-        for start in range(0, len(ids), 500):
-            conn.execute(sa.delete(images_table).where(images_table.c.id.in_(ids[start : start + 500])))
+        for chunk in _chunks(ids):
+            conn.execute(sa.delete(images_table).where(images_table.c.id.in_(chunk)))
         cls.log_changes(conn, ids)
 
     def data_version(self) -> int:
         return int(self.get_meta("data_version", "0") or 0)
 
 
+_SEQUENCES = {"roots": "id", "images": "id", "changes": "seq"}  # tables whose ids a database hands out
+
+
+def _structural(key: Any) -> Any:
+    """Meta keys that describe the database's own schema (never copied between databases)."""
+    return sa.or_(key == "schema_version", key.like("migration%"))
+
+
+def _copy_rows(src: sa.Connection, dst: sa.Connection, table: sa.Table, query: Any = None, chunk: int = COPY_CHUNK,
+               progress: Callable[[int], None] | None = None) -> int:  # fmt: skip
+    """Stream `query` (default: all of `table`) from `src` into `table` in `dst`, `chunk` rows per insert."""
+    query = query if query is not None else sa.select(*table.c)
+    done = 0
+    for part in src.execution_options(yield_per=chunk).execute(query).partitions():
+        dst.execute(sa.insert(table), [dict(r._mapping) for r in part])
+        done += len(part)
+        if progress is not None:
+            progress(done)
+    return done
+
+
+def _high_water(conn: sa.Connection, table: str) -> int:
+    """The highest id a table's sequence ever handed out (deleted rows included), or its max id."""
+    col = _SEQUENCES[table]
+    top = int(conn.execute(sa.text(f"SELECT coalesce(max({col}), 0) FROM {table}")).scalar_one())
+    if conn.dialect.name == "postgresql":
+        seq = conn.execute(
+            sa.text(f"SELECT pg_sequence_last_value(pg_get_serial_sequence('{table}', '{col}'))")
+        ).scalar_one()
+    else:  # AUTOINCREMENT tables only (roots reuses max(id) + 1, which a copy keeps)
+        seq = conn.execute(sa.text("SELECT seq FROM sqlite_sequence WHERE name = :t"), {"t": table}).scalar()
+    return max(top, int(seq or 0))
+
+
+def _advance_sequences(conn: sa.Connection, at_least: dict[str, int]) -> None:
+    """After rows were inserted with their ids: each table's next id follows them, `at_least[table]` and
+    what the sequence handed out before (it never goes back: FAISS ids of deleted rows are never reused)."""
+    for table, col in _SEQUENCES.items():
+        top = max(_high_water(conn, table), at_least.get(table, 0))
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                sa.text(f"SELECT setval(pg_get_serial_sequence('{table}', '{col}'), :v, :called)"),
+                {"v": max(top, 1), "called": top > 0},
+            )
+        elif table != "roots" and top:
+            conn.execute(sa.text("DELETE FROM sqlite_sequence WHERE name = :t"), {"t": table})
+            conn.execute(sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :v)"), {"t": table, "v": top})
+
+
 class IndexLock:
     """Exclusive write lock on an index directory (flock on `.lock`; the OS drops it if the process dies)."""
 
-    def __init__(self, index_dir: str | os.PathLike[str], *, create: bool = False) -> None:
-        """`create`: make the folder if needed (a build); else the index must exist (IndexNotFoundError)."""
+    def __init__(self, index_dir: str | os.PathLike[str], *, create: bool = False, db: str | None = None) -> None:
+        """`create`: make the folder if needed (a build); else the index must exist (IndexNotFoundError; with
+        a PostgreSQL `db`, its folder)."""
         self.path = Path(index_dir) / LOCK_NAME
         self.create = create
+        self.db = db
         self._fd: int | None = None
 
     def acquire(self) -> IndexLock:
@@ -1170,7 +1553,7 @@ class IndexLock:
             except OSError as e:
                 raise StorageError(f"Cannot create index folder {str(self.path.parent)!r}: {e.strerror}.") from e
         else:
-            _require_index(self.path.parent)  # a mistyped --index must not leave a folder or a .lock behind
+            _require_index(self.path.parent, self.db)  # a mistyped --index must not leave a folder or a .lock behind
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

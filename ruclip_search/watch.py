@@ -20,6 +20,7 @@ no writable Index is open to compact in the background.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -33,7 +34,7 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from . import defaults
-from .errors import IndexLockedError, ModelMismatchError, RuclipSearchError
+from .errors import IndexLockedError, IndexNotFoundError, ModelMismatchError, RuclipSearchError
 from .indexer import BuildReport, Progress, build, default_batch_size, sync_paths
 from .loader import _Decoder
 from .walk import IMAGE_EXTENSIONS
@@ -101,7 +102,9 @@ class Watcher:
         write_index: bool | None = False,
         on_event: OnEvent | None = None,
         progress: Progress | None = None,
+        db: str | None = None,
     ) -> None:
+        self.db = db  # the index's PostgreSQL URL (None: SQLite in the index folder)
         self.roots = [os.path.abspath(os.fspath(r)) for r in roots]
         if not self.roots:
             raise RuclipSearchError("No photo folder given: pass at least one PHOTOS_DIR.")
@@ -172,7 +175,7 @@ class Watcher:
         report = build(
             self.roots, index=self.index, model=self._model, device=self.device, batch_size=self.batch_size,
             workers=None if self.workers else 0, exclude=self.exclude, follow_symlinks=self.follow_symlinks,
-            max_pixels=self.max_pixels, progress=self.progress,
+            max_pixels=self.max_pixels, progress=self.progress, db=self.db,
         )  # fmt: skip
         if self.workers > 0:
             ahead = self.batch_size or default_batch_size(self.device)
@@ -188,7 +191,10 @@ class Watcher:
         if name is None:
             from .store import DB_NAME, Store
 
-            if (self.index / DB_NAME).exists():
+            if self.db is not None:
+                with contextlib.suppress(IndexNotFoundError), Store.open(self.index, db=self.db) as store:
+                    name = store.model_name
+            elif (self.index / DB_NAME).exists():
                 with Store.open(self.index) as store:
                     name = store.model_name
         from .encoder import load_model
@@ -293,7 +299,7 @@ class Watcher:
             report = sync_paths(
                 self.index, self.roots, list(batch), model=self._model, device=self.device,
                 batch_size=self.batch_size, exclude=self.exclude, follow_symlinks=self.follow_symlinks,
-                max_pixels=self.max_pixels, write_index=write_index, decoder=self._decoder,
+                max_pixels=self.max_pixels, write_index=write_index, decoder=self._decoder, db=self.db,
             )  # fmt: skip
         except ModelMismatchError:
             raise  # the index was rebuilt with another model: this watcher's model can never write to it

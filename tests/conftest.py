@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,56 @@ def pytest_make_collect_report(collector: pytest.Collector) -> object:
     report = outcome.get_result()  # a whole module skipped at import (importorskip, module-level skip)
     if _unexpected_skip(report, None):
         _fail(report)
+
+
+# -- where an index keeps its metadata: SQLite, or PostgreSQL ---------------------------------------------
+PG_URL_VAR = "RUCLIP_TEST_PG_URL"  # a database the tests may create schemas in (.ci/run starts a server)
+
+
+@contextlib.contextmanager
+def pg_schema(url: str) -> Iterator[str]:
+    """A fresh schema in the database at `url`, dropped afterwards; yields a URL whose search_path is it."""
+    import uuid
+
+    import psycopg
+    import sqlalchemy as sa
+
+    base = sa.make_url(url)
+    plain = base.set(drivername="postgresql").render_as_string(hide_password=False)  # libpq's URI
+    name = f"t_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{name}"')
+    try:
+        yield base.update_query_dict({"options": f"-csearch_path={name}"}).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '10s'")
+            conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+
+def _pg_or_skip() -> str:
+    url = os.environ.get(PG_URL_VAR)
+    if not url:  # in CI (CI=true) this skip fails the run: .ci/run always sets it
+        pytest.skip(f"{PG_URL_VAR} is not set: point it at a PostgreSQL database to run the PostgreSQL variant")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The `db` argument for a test's index: None (SQLite, index.db in the folder) or the URL of a fresh
+    PostgreSQL schema. Tests of storage behaviour take this fixture, so they run against both."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with pg_schema(_pg_or_skip()) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_db() -> Iterator[str]:
+    """A fresh PostgreSQL schema's URL, for tests of PostgreSQL-only behaviour (migrate, URLs, locking)."""
+    with pg_schema(_pg_or_skip()) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

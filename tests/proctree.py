@@ -16,17 +16,20 @@ import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 from conftest import StandInModel
 from ruclip_search.indexer import build
-build({photos!r}, index={index!r}, model=StandInModel(), workers={workers}, batch_size={batch_size})
+build({photos!r}, index={index!r}, model=StandInModel(), workers={workers}, batch_size={batch_size}, db={db!r})
 """
 
 Proc = tuple[int, int]  # (pid, start time in clock ticks): a pid alone may be reused
 
 
-def run_builder(photos: Path, index: Path, workers: int = 0, batch_size: int = 3) -> subprocess.Popen:
+def run_builder(
+    photos: Path, index: Path, workers: int = 0, batch_size: int = 3, db: str | None = None
+) -> subprocess.Popen:
     """`build()` with the stand-in model in a child process (stderr piped)."""
     code = BUILDER.format(
-        root=str(ROOT), tests=str(TESTS), photos=str(photos), index=str(index), workers=workers, batch_size=batch_size
-    )
+        root=str(ROOT), tests=str(TESTS), photos=str(photos), index=str(index), workers=workers,
+        batch_size=batch_size, db=db,
+    )  # fmt: skip
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -102,8 +105,10 @@ def kill_all(procs: list[Proc]) -> None:
             pass
 
 
-def rows(index: Path) -> int:
+def rows(index: Path, db_url: str | None = None) -> int:
     """Rows in the index's images table, read-only; -1 while the database does not exist yet."""
+    if db_url is not None:
+        return _pg_rows(db_url)
     db = index / "index.db"
     if not db.exists():
         return -1
@@ -114,4 +119,17 @@ def rows(index: Path) -> int:
         finally:
             conn.close()
     except sqlite3.Error:  # schema not created yet
+        return -1
+
+
+def _pg_rows(url: str) -> int:
+    """`rows` for an index in PostgreSQL (psycopg directly, as sqlite3 above: not through the Store)."""
+    import psycopg
+    import sqlalchemy as sa
+
+    u = sa.make_url(url)
+    try:
+        with psycopg.connect(u.set(drivername="postgresql").render_as_string(hide_password=False)) as conn:
+            return int(conn.execute("SELECT count(*) FROM images").fetchone()[0])
+    except psycopg.errors.UndefinedTable:  # schema not created yet
         return -1

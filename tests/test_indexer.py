@@ -17,9 +17,9 @@ from ruclip_search.loader import WORKER_DIED, _Decoder
 from ruclip_search.store import IndexLock, Store
 
 
-def snapshot(index: Path) -> dict[str, np.ndarray]:
-    """path -> embedding of every indexed image; also checks FAISS and SQLite agree."""
-    with Store.open(index) as store:
+def snapshot(index: Path, db: str | None = None) -> dict[str, np.ndarray]:
+    """path -> embedding of every indexed image; also checks FAISS and the database agree."""
+    with Store.open(index, db=db) as store:
         ids, vecs = store.all_embeddings()
         records = store.get_images(ids.tolist())
         faiss = faiss_index.load(store.faiss_path())
@@ -34,14 +34,14 @@ def snapshot(index: Path) -> dict[str, np.ndarray]:
     return dict(zip(paths, vecs, strict=True))
 
 
-def test_incremental_counts_and_reuse(tmp_path: Path, photos: Path) -> None:
+def test_incremental_counts_and_reuse(tmp_path: Path, photos: Path, db: str | None) -> None:
     model, index = StandInModel(), tmp_path / "idx"
-    r = build(photos, index=index, model=model, workers=0, batch_size=5)
+    r = build(photos, index=index, model=model, workers=0, batch_size=5, db=db)
     assert (r.added, r.failed, r.encoded) == (12, 0, 12) and model.encoded == 12
     assert r.index_type == "flat" and r.recall_at_10 == 1.0
-    first = snapshot(index)
+    first = snapshot(index, db=db)
 
-    r = build(photos, index=index, model=model, workers=0)
+    r = build(photos, index=index, model=model, workers=0, db=db)
     assert (r.added, r.updated, r.moved, r.removed, r.unchanged, r.encoded) == (0, 0, 0, 0, 12, 0)
 
     files = sorted(photos.iterdir())
@@ -53,11 +53,11 @@ def test_incremental_counts_and_reuse(tmp_path: Path, photos: Path) -> None:
 
     draw("синий круг", seed=55, size=48).save(files[3])  # modify
     os.utime(files[4], ns=(1, 1))  # touch only: same content
-    r = build(photos, index=index, model=model, workers=0)
+    r = build(photos, index=index, model=model, workers=0, db=db)
     got = (r.added, r.updated, r.moved, r.removed, r.unchanged, r.failed, r.encoded, r.reused)
     assert got == (2, 1, 1, 1, 9, 0, 2, 1)  # the touched file counts as unchanged
     assert model.encoded == 14
-    now = snapshot(index)
+    now = snapshot(index, db=db)
     np.testing.assert_array_equal(now[str(photos / "renamed.png")], first[str(files[0])])
     np.testing.assert_array_equal(now[str(photos / "copy.jpg")], first[str(files[1])])
     assert str(files[2]) not in now and len(now) == 13
@@ -209,53 +209,55 @@ def test_failed_first_build_does_not_bind_the_index_to_a_model(
         assert store.model_name == str(tiny_model_path) and store.counts()["images"] == 12
 
 
-def test_rebuild_keeps_the_index_model_and_drops_other_roots(tmp_path: Path, tiny_model_path: Path) -> None:
+def test_rebuild_keeps_the_index_model_and_drops_other_roots(
+    tmp_path: Path, tiny_model_path: Path, db: str | None
+) -> None:
     """`build --rebuild` without --model switched to the default model; it keeps the index's own."""
     a, b = tmp_path / "a", tmp_path / "b"
     make_photos(a, 3)
     make_photos(b, 2, seed=50)
     index = tmp_path / "idx"
-    build([a, b], index=index, model=str(tiny_model_path), workers=0, device="cpu")
-    r = build([a], index=index, workers=0, device="cpu", rebuild=True)
+    build([a, b], index=index, model=str(tiny_model_path), workers=0, device="cpu", db=db)
+    r = build([a], index=index, workers=0, device="cpu", rebuild=True, db=db)
     assert r.model == str(tiny_model_path) and r.encoded == 3
-    with Store.open(index) as store:
+    with Store.open(index, db=db) as store:
         assert store.model_name == str(tiny_model_path)
         assert list(store.roots().values()) == [str(a)]  # the rows of roots not passed to the rebuild are gone
         assert sorted(r.relpath for r in store.iter_images()) == sorted(p.name for p in a.iterdir())
-    assert len(snapshot(index)) == 3
+    assert len(snapshot(index, db=db)) == 3
 
 
-def test_readers_see_the_old_index_until_a_rebuild_is_complete(tmp_path: Path, photos: Path) -> None:
+def test_readers_see_the_old_index_until_a_rebuild_is_complete(tmp_path: Path, photos: Path, db: str | None) -> None:
     """A rebuild emptied `images` at its start: searches found nothing until it ended."""
     index = tmp_path / "idx"
-    build(photos, index=index, model=StandInModel(), workers=0)
-    before = snapshot(index)
-    with Store.open(index) as store:
+    build(photos, index=index, model=StandInModel(), workers=0, db=db)
+    before = snapshot(index, db=db)
+    with Store.open(index, db=db) as store:
         version = store.index_version()
     seen: list[tuple] = []
 
     def progress(stage: str, done: int, total: int | None) -> None:
         if stage == "encode":  # the rebuild is under way: a reader opens the index now
-            with Store.open(index) as reader:
+            with Store.open(index, db=db) as reader:
                 fx = faiss_index.load(reader.faiss_path())
                 seen.append((reader.counts()["images"], reader.model_name, reader.dim, fx.ntotal, fx.d))
                 assert reader.index_version() == version
 
     new_model = StandInModel(name="other", dim=16)
-    build(photos, index=index, model=new_model, workers=0, batch_size=4, rebuild=True, progress=progress)
+    build(photos, index=index, model=new_model, workers=0, batch_size=4, rebuild=True, progress=progress, db=db)
     assert len(seen) == 3 and set(seen) == {(12, "stand-in", 32, 12, 32)}
-    after = snapshot(index)
+    after = snapshot(index, db=db)
     assert after.keys() == before.keys() and new_model.encoded == 12
-    with Store.open(index) as store:
+    with Store.open(index, db=db) as store:
         assert (store.model_name, store.dim) == ("other", 16) and store.index_version() > version
         assert store.get_meta("faiss_data_version") == str(store.data_version())
     assert not (index / ".rebuild").exists() and len(list(index.glob("faiss-*.index"))) == 1
 
 
-def test_interrupted_rebuild_leaves_the_index_intact_and_resumes(tmp_path: Path, photos: Path) -> None:
+def test_interrupted_rebuild_leaves_the_index_intact_and_resumes(tmp_path: Path, photos: Path, db: str | None) -> None:
     index = tmp_path / "idx"
-    build(photos, index=index, model=StandInModel(), workers=0)
-    before = snapshot(index)
+    build(photos, index=index, model=StandInModel(), workers=0, db=db)
+    before = snapshot(index, db=db)
 
     model = StandInModel(name="other", dim=16)
     encode = model.encode_pixels
@@ -267,18 +269,18 @@ def test_interrupted_rebuild_leaves_the_index_intact_and_resumes(tmp_path: Path,
 
     model.encode_pixels = interrupted
     with pytest.raises(KeyboardInterrupt):
-        build(photos, index=index, model=model, workers=0, batch_size=4, rebuild=True)
-    after = snapshot(index)
+        build(photos, index=index, model=model, workers=0, batch_size=4, rebuild=True, db=db)
+    after = snapshot(index, db=db)
     assert after.keys() == before.keys()
     for path, vec in before.items():
         np.testing.assert_array_equal(after[path], vec)
-    with Store.open(index) as store:
+    with Store.open(index, db=db) as store:
         assert (store.model_name, store.dim, store.counts()["images"]) == ("stand-in", 32, 12)
-    assert build(photos, index=index, model=StandInModel(), workers=0).unchanged == 12  # still usable
+    assert build(photos, index=index, model=StandInModel(), workers=0, db=db).unchanged == 12  # still usable
 
     again = StandInModel(name="other", dim=16)
-    r = build(photos, index=index, model=again, workers=0, batch_size=4, rebuild=True)
+    r = build(photos, index=index, model=again, workers=0, batch_size=4, rebuild=True, db=db)
     assert again.encoded == 8 and r.unchanged == 4  # the batch staged before the interruption is kept
-    assert snapshot(index).keys() == before.keys()
-    with Store.open(index) as store:
+    assert snapshot(index, db=db).keys() == before.keys()
+    with Store.open(index, db=db) as store:
         assert (store.model_name, store.dim) == ("other", 16)

@@ -41,8 +41,8 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 
 @pytest.fixture
-def idx(tmp_path: Path, models: ModelCache):
-    index = Index.create(tmp_path / "index", model=str(TINY_MODEL), device="cpu", models=models)
+def idx(tmp_path: Path, models: ModelCache, db: str | None):
+    index = Index.create(tmp_path / "index", model=str(TINY_MODEL), device="cpu", models=models, db=db)
     yield index
     index.close()
 
@@ -111,7 +111,7 @@ def test_added_photos_are_searchable_at_once_in_exact_order(idx: Index, pictures
 
 def test_second_reader_sees_writes_within_a_second(idx: Index, pictures: list[dict], models: ModelCache) -> None:
     add_pictures(idx, pictures[:24])
-    with Index.open(idx.store.dir, device="cpu", models=models) as reader:
+    with Index.open(idx.store.dir, device="cpu", models=models, db=idx.store.url) as reader:
         before = [h.id for h in reader.search("жёлтый круг", k=5)]
         new = idx.add("new", image=draw("жёлтый круг", seed=123, size=64))
         time.sleep(0.6)
@@ -218,7 +218,7 @@ def test_bad_writes_store_nothing(idx: Index, pictures: list[dict], models: Mode
         idx.add("when", embedding=np.ones(idx.model.dim), taken_at="yesterday")
     assert idx.store.counts()["images"] == count and idx.store.max_seq() == seq
     assert idx.get("fine") is None and idx.get("wrong") is None
-    with Index.open(idx.store.dir, device="cpu", models=models) as reader:
+    with Index.open(idx.store.dir, device="cpu", models=models, db=idx.store.url) as reader:
         assert not reader.writable
         for write in (
             lambda: reader.add("x", embedding=np.ones(reader.model.dim)),
@@ -305,7 +305,7 @@ def test_ann_main_index_never_returns_deleted_or_stale_ids(idx: Index) -> None:
     centres = rng.normal(size=(20, dim))
     vecs = centres[rng.integers(20, size=2000)] + rng.normal(scale=0.3, size=(2000, dim))
     idx.add_many({"key": f"v{i}", "embedding": v, "labels": ["odd" if i % 2 else "even"]} for i, v in enumerate(vecs))
-    assert reindex(idx.store.dir, "ivf")["type"] == "ivf"
+    assert reindex(idx.store.dir, "ivf", db=idx.store.url)["type"] == "ivf"
     assert idx.refresh() is True and idx._state.index_type == "ivf" and idx._state.segment.size == 0
     queries = centres[:10] / np.linalg.norm(centres[:10], axis=1, keepdims=True)
 
@@ -325,7 +325,7 @@ def test_ann_main_index_never_returns_deleted_or_stale_ids(idx: Index) -> None:
     top = idx.search(queries[0], k=20)[:10]
     assert idx.remove_many([h.key for h in top]) == 10 and len(idx._state.segment.tombs) == 10
     check({h.id for h in top}, set())
-    many = [h.key for h in idx.search(queries[1], k=300)] + [h.key for h in idx.search(queries[2], k=300)]
+    many = list(dict.fromkeys(h.key for q in queries[1:3] for h in idx.search(q, k=300)))  # full pages overlap
     replaced = many[:40]
     removed = many[40:]
     removed_ids = {idx.get(k).id for k in removed}
@@ -357,5 +357,60 @@ def test_rebuild_refuses_to_drop_photos_written_through_the_api(
     folder = tmp_path / "folder"
     make_photos(folder, 2)
     with pytest.raises(RuclipSearchError, match="cannot re-encode"):
-        build(folder, index=idx.store.dir, workers=0, device="cpu", rebuild=True)
+        build(folder, index=idx.store.dir, workers=0, device="cpu", rebuild=True, db=idx.store.url)
     assert idx.get("app-1") is not None and idx.store.count_fileless() == 1
+
+
+def test_concurrent_writers_are_committed_together_and_each_sees_its_own_result(idx: Index) -> None:
+    """16 threads add, replace and remove at once: fewer transactions than writes (group commit), every
+    caller gets its own record back, each write is searchable when its call returns, and a key two
+    concurrent removes ask for counts once."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    dim = idx.info()["dim"]
+    vecs = rng.standard_normal((64, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    idx.add_many([{"key": f"gone{i}", "embedding": vecs[i]} for i in range(4)])
+    barrier = threading.Barrier(16)
+    results: dict[int, object] = {}
+    commits = idx._writes.groups
+
+    def writer(t: int) -> None:
+        barrier.wait()
+        try:
+            if t < 12:
+                got = []
+                for j in range(4):
+                    n = t * 4 + j
+                    hit = idx.add(f"k{n}", embedding=vecs[n], collection=f"user{t}", labels=[f"l{n}"])
+                    top = idx.search(vecs[n][None, :], k=1)  # searchable on return
+                    got.append((hit.key, hit.collection, hit.labels, top[0].id == hit.id))
+                results[t] = got
+            else:  # four threads remove the same two keys and one each of their own
+                results[t] = idx.remove_many(["gone0", "gone1", f"gone{t - 10}"])
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[t] = e
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    for t in range(12):
+        assert results[t] == [(f"k{t * 4 + j}", f"user{t}", (f"l{t * 4 + j}",), True) for j in range(4)]
+    removed = [results[t] for t in range(12, 16)]
+    assert sum(removed) == 4 and all(isinstance(r, int) for r in removed)  # gone0..3 once each, in all
+    assert idx._writes.submits - idx._writes.groups > 0 and idx._writes.groups - commits < 52
+    assert len(idx.search(vecs[0][None, :], k=100, collections=[f"user{t}" for t in range(12)])) == 48
+    assert all(idx.get(f"gone{i}") is None for i in range(4))
+
+
+def test_one_group_removing_a_key_twice_counts_it_once(idx: Index) -> None:
+    """Two concurrent removes of one key committed in the same group: one of them removed it (as if in turn)."""
+    dim = idx.info()["dim"]
+    idx.add("x", embedding=np.ones(dim, dtype=np.float32))
+    put = idx.add("y", embedding=np.ones(dim, dtype=np.float32))
+    out = idx._commit_group([([], ["x", "y"]), ([], ["x"]), ([], ["y", "x", "zzz"])])
+    assert [len(deleted) for _, deleted in out] == [2, 0, 0] and put.id in out[0][1]
+    assert idx.get("x") is None and idx.search(np.ones((1, dim), dtype=np.float32), k=5) == []

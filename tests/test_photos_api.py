@@ -430,8 +430,8 @@ def _free_port() -> int:
 class _Server:
     """`python -m ruclip_search.cli serve` with a write token, restartable after kill -9."""
 
-    def __init__(self, index_dir: Path, log: Path) -> None:
-        self.index_dir, self.log, self.port = index_dir, log, _free_port()
+    def __init__(self, index_dir: Path, log: Path, db: str | None = None) -> None:
+        self.index_dir, self.log, self.port, self.db = index_dir, log, _free_port(), db
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -440,7 +440,7 @@ class _Server:
 
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RUCLIP_SEARCH_WRITE_TOKEN": WRITE}
         cmd = [sys.executable, "-m", "ruclip_search.cli", "serve", "--index", str(self.index_dir), "--port",
-               str(self.port), "--device", "cpu"]  # fmt: skip
+               str(self.port), "--device", "cpu", *(["--db", self.db] if self.db else [])]  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -528,7 +528,7 @@ def _same(stored: np.ndarray | None, expected: np.ndarray | None) -> bool:
 
 
 @pytest.mark.crash
-def test_acknowledged_writes_survive_kill_9(tmp_path, tiny_model_path):
+def test_acknowledged_writes_survive_kill_9(tmp_path, tiny_model_path, db):
     """Four clients write while the server is killed with -9 ten times at random moments: after each restart,
     and at the end, every acknowledged PUT is there with its embedding and no acknowledged DELETE came back."""
     import httpx
@@ -537,9 +537,9 @@ def test_acknowledged_writes_survive_kill_9(tmp_path, tiny_model_path):
     from ruclip_search.store import Store
 
     index_dir = tmp_path / "index"
-    with Index.create(index_dir, model=str(tiny_model_path), device="cpu") as idx:
+    with Index.create(index_dir, model=str(tiny_model_path), device="cpu", db=db) as idx:
         dim = idx.info()["dim"]
-    server = _Server(index_dir, tmp_path / "server.log")
+    server = _Server(index_dir, tmp_path / "server.log", db=db)
     server.start()
     stop = threading.Event()
     writers = [_Writer(n, server.base, dim, stop) for n in range(4)]
@@ -561,7 +561,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path, tiny_model_path):
         assert sum(w.acked for w in writers) > 50 and sum(w.failed for w in writers) >= 1
         expected = {k: v for w in writers for k, v in w.state.items()}
         uncertain = {k: v for w in writers for k, v in w.uncertain.items()}
-        with Store.open(index_dir) as store:
+        with Store.open(index_dir, db=db) as store:
 
             def stored(key: str) -> np.ndarray | None:
                 rec = store.get_by_key(key)

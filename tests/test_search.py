@@ -106,6 +106,32 @@ def test_filters_give_exactly_k_in_exact_order(idx: Index, search_index, filters
             assert all(keep(idx.store.get_image(h.id)) for h in hits)
 
 
+def test_the_same_index_in_postgresql_gives_the_same_results(idx: Index, search_index, pg_db: str, tmp_path) -> None:
+    """The search fixture copied into PostgreSQL (`migrate`): every filter selects the same ids and every
+    filtered search returns the same hits as on SQLite (EXIF dates, formats, relpath prefixes, scores)."""
+    from ruclip_search.filters import SearchFilters
+    from ruclip_search.indexer import migrate
+
+    root = search_index[0].parent / "photos"
+    migrate(search_index[0], index=tmp_path / "pg", db=pg_db)
+    cases = [
+        {"formats": ["png"]}, {"under": str(root / "b")}, {"under": str(root / "a" / "красный круг 0.jpg")},
+        {"date_from": "2021-01-10", "date_to": "2021-01-30"}, {"date_to": "2021-01-01T12:00:00"},
+        {"date_from": "2021-01-05T12:00:00", "formats": ["jpeg"], "under": str(root / "a")},
+        {"under": str(root.parent)}, {"under": "/elsewhere"}, {"min_score": 0.2},
+    ]  # fmt: skip
+    with Index.open(tmp_path / "pg", device="cpu", db=pg_db) as pg:
+        for case in cases:
+            f = SearchFilters.parse(**case)
+            a, b = idx.store.filter_ids(f), pg.store.filter_ids(f)
+            assert (a is None and b is None) or a.tolist() == b.tolist(), case
+            for query in ("красный квадрат", "зелёный треугольник"):
+                ours, theirs = idx.search(query, k=7, filters=f), pg.search(query, k=7, filters=f)
+                assert [(h.id, h.path, h.taken_at) for h in ours] == [(h.id, h.path, h.taken_at) for h in theirs]
+                assert np.allclose([h.score for h in ours], [h.score for h in theirs], atol=1e-5)
+        assert len(idx.store.filter_ids(SearchFilters.parse(formats=["png"]))) == 24
+
+
 def test_under_relative_path_and_prefix_boundary(idx: Index, search_index, monkeypatch) -> None:
     root = search_index[0].parent / "photos"
     monkeypatch.chdir(root)
@@ -264,20 +290,20 @@ def test_duplicates_exact_and_reencoded(tmp_path: Path) -> None:
             index.duplicates(threshold=1.5)
 
 
-def test_refresh_swaps_after_rebuild(tmp_path: Path) -> None:
+def test_refresh_swaps_after_rebuild(tmp_path: Path, db: str | None) -> None:
     from ruclip_search.indexer import build
 
     folder = tmp_path / "p"
     make_photos(folder, 12, size=64)
-    build(folder, index=tmp_path / "idx", model=str(TINY_MODEL), workers=0, device="cpu")
-    with Index.open(tmp_path / "idx", device="cpu") as index:
+    build(folder, index=tmp_path / "idx", model=str(TINY_MODEL), workers=0, device="cpu", db=db)
+    with Index.open(tmp_path / "idx", device="cpu", db=db) as index:
         v0 = index.version
         old_state = index._state
         assert index.refresh() is False
         new = folder / "new синий круг.png"
         draw("синий круг", seed=77, size=64).save(new)
         assert str(new) not in {h.path for h in index.search("синий круг", k=13)}
-        build(folder, index=tmp_path / "idx", workers=0, device="cpu")
+        build(folder, index=tmp_path / "idx", workers=0, device="cpu", db=db)
         # (a search now may already find it through the change log: see test_online.py)
         assert index.refresh() is True and index.version > v0
         assert index.refresh() is False

@@ -463,14 +463,16 @@ def test_file_gone_or_broken(own_index):
         assert (r.status_code, r.json()["code"]) == (404, "image_unreadable")
 
 
-def test_live_update_serves_new_version_without_restart(own_index, tiny_model_path):
+def test_live_update_serves_new_version_without_restart(tmp_path, tiny_model_path, db):
     """A build running next to the server: every request answers 200, then the new images are found."""
     from conftest import make_photos
 
     from ruclip_search.indexer import build
 
-    index_dir, photos = own_index
-    with TestClient(create_app([index_dir], refresh_interval=0.05)) as c:
+    photos, index_dir = tmp_path / "photos", tmp_path / "index"
+    make_photos(photos, n=6, size=48)
+    build(photos, index=index_dir, model=str(tiny_model_path), workers=0, device="cpu", db=db)
+    with TestClient(create_app([index_dir], refresh_interval=0.05, db=db)) as c:
         before = c.get("/info").json()["indexes"][0]
         assert before["info"]["images"] == 6
         make_photos(photos / "new", n=12, size=48, seed=100)
@@ -479,7 +481,7 @@ def test_live_update_serves_new_version_without_restart(own_index, tiny_model_pa
 
         def rebuild():
             try:
-                build(photos, index=index_dir, model=str(tiny_model_path), workers=0, device="cpu")
+                build(photos, index=index_dir, model=str(tiny_model_path), workers=0, device="cpu", db=db)
             except BaseException as e:  # pragma: no cover - reported below
                 errors.append(e)
             finally:

@@ -33,15 +33,15 @@ def test_upgrade_from_first_schema(tmp_path: Path) -> None:
     assert rec is not None and rec.size == 3 and rec.camera_make is None and rec.taken_at is None
 
 
-def test_read_api_round_trip(tmp_path: Path) -> None:
-    store = Store.create(tmp_path / "idx")
+def test_read_api_round_trip(tmp_path: Path, db: str | None) -> None:
+    store = Store.create(tmp_path / "idx", db=db)
     store.set_meta(model="m", dim="4")
     rid = store.root_id("/r")
     vec = np.array([0.5, 0.5, 0.5, 0.5], np.float32)
     with store.transaction() as conn:
         good = store.upsert_image(conn, ImageWrite(rid, b"x\xff.jpg", 1, 2, embedding=vec.astype(np.float16).tobytes()))
         bad = store.upsert_image(conn, ImageWrite(rid, b"bad.jpg", 1, 2, error="boom"))
-    reader = Store.open(tmp_path / "idx")
+    reader = Store.open(tmp_path / "idx", db=db)
     assert reader.data_version() == 1
     assert reader.model_name == "m" and reader.dim == 4
     assert reader.counts() == {"images": 1, "errors": 1}
@@ -54,11 +54,15 @@ def test_read_api_round_trip(tmp_path: Path) -> None:
     assert reader.find_path("/r/x\udcff.jpg").id == good
     with pytest.raises(KeyError):
         reader.get_embeddings([bad])
+    reader.close()
+    store.close()
 
 
-def test_open_missing(tmp_path: Path) -> None:
+def test_open_missing(tmp_path: Path, db: str | None) -> None:
+    with pytest.raises(IndexNotFoundError, match="build one"):
+        Store.open(tmp_path, db=db)  # an empty folder; an empty database
     with pytest.raises(IndexNotFoundError):
-        Store.open(tmp_path)
+        Store.open(tmp_path / "nothing", db=db)
 
 
 def test_lock_is_exclusive(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ def serve(
     log_level: str = "info",
     write_token: str | None = None,
     allow_roots: Iterable[str | os.PathLike[str]] = (),
+    db: str | Sequence[str | None] | None = None,
 ) -> None:
     """Open the indexes and serve them with uvicorn until interrupted (binds loopback unless told otherwise).
 
@@ -47,7 +48,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("serving on %s without a token: anyone who can reach this port can see your photos", host)
     app = create_app(index_dirs, token=token, cors_origins=cors_origins, model=model, device=device,
-                     write_token=write_token, allow_roots=allow_roots)  # fmt: skip
+                     write_token=write_token, allow_roots=allow_roots, db=db)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
 
 

@@ -39,6 +39,7 @@ def create_app(
     thumbnail_cache_bytes: int = THUMB_CACHE_BYTES,
     write_token: str | None = None,
     allow_roots: Iterable[str | os.PathLike[str]] = (),
+    db: str | Sequence[str | None] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `index_dirs` (folders, or already opened `Index` objects); the first is default.
 
@@ -46,12 +47,13 @@ def create_app(
     `max_upload_bytes`/`max_pixels` cap uploaded query images; one text model per model name is shared by
     all indexes. `write_token` enables PUT/DELETE /photos (the folders are then opened writable; without it
     every write answers 403 `writes_disabled`); `allow_roots` are the folders whose files a PUT may name by
-    path (symlinks resolved; none: only uploads and embeddings).
+    path (symlinks resolved; none: only uploads and embeddings). `db`: PostgreSQL URL(s) of the indexes whose
+    metadata lives there (one per folder, or one for the only folder).
     """
     roots = tuple(Path(os.path.realpath(r)) for r in allow_roots)
     models = ModelCache(device)
     served = open_indexes(index_dirs, model=model, device=device, models=models, refresh_interval=refresh_interval,
-                          writable=write_token is not None)  # fmt: skip
+                          writable=write_token is not None, db=db)  # fmt: skip
     app = FastAPI(
         title="ruclip-search",
         version=__version__,

@@ -8,6 +8,7 @@ from urllib.parse import unquote
 
 from fastapi import Depends, Query, Request
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..defaults import MAX_K, MAX_LABELS, MAX_OFFSET
@@ -39,7 +40,9 @@ def _matches(given: bytes, token: str | None) -> bool:
     return token is not None and hmac.compare_digest(given, token.encode("utf-8"))
 
 
-def require_token(
+# The dependencies are `async def` where they do no I/O: FastAPI runs a plain `def` dependency in its thread
+# pool, one thread hop per dependency per request, which cost more CPU than a whole write under load.
+async def require_token(
     request: Request, state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """401 unless the server has no token or the request carries it, or the write token (bearer or cookie)."""
@@ -51,7 +54,7 @@ def require_token(
                        {"WWW-Authenticate": "Bearer"})  # fmt: skip
 
 
-def require_write_token(
+async def require_write_token(
     state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """403 `writes_disabled` without a server write token; 401 unless the bearer header carries it (no cookie)."""
@@ -69,7 +72,7 @@ AUTH = [Depends(require_token)]
 WRITE_AUTH = [Depends(require_write_token)]
 
 
-def pick_index(
+async def pick_index(
     state: State,
     index: Annotated[
         str | None, Query(max_length=200, description="Index name (see /info); default the first.")
@@ -79,7 +82,8 @@ def pick_index(
     s = state.served.get(index if index is not None else state.default_name)
     if s is None:
         raise ApiError(404, "unknown_index", f"No index named {index!r}; served: {', '.join(state.served)}.")
-    s.maybe_refresh()
+    if s.refresh_due():  # the check can load a new FAISS file: off the event loop
+        await run_in_threadpool(s.maybe_refresh)
     return s
 
 
@@ -114,7 +118,7 @@ Labels = Annotated[
 ]
 
 
-def search_filters(
+async def search_filters(
     min_score: MinScore = None, under: Under = None, date_from: From = None, date_to: To = None,
     formats: Formats = None, collections: Collections = None, labels: Labels = None,
 ) -> SearchFilters:  # fmt: skip

@@ -34,6 +34,10 @@ class Served:
         self._next = 0.0
         self._lock = threading.Lock()
 
+    def refresh_due(self) -> bool:
+        """Whether `maybe_refresh` would look for a new version now (cheap: no I/O)."""
+        return time.monotonic() >= self._next
+
     def maybe_refresh(self) -> None:
         """Pick up a finished build (at most every `interval` seconds; a failed check keeps the old version)."""
         now = time.monotonic()
@@ -92,11 +96,12 @@ class ServerState:
 
 def open_indexes(
     index_dirs: Sequence[str | os.PathLike[str] | Any], *, model: Any, device: str, models: ModelCache,
-    refresh_interval: float, writable: bool = False,
+    refresh_interval: float, writable: bool = False, db: str | Sequence[str | None] | None = None,
 ) -> dict[str, Served]:  # fmt: skip
     """Open every folder (already opened `Index` objects are served as given), named uniquely, first default.
 
-    `writable` opens the folders for writes (a server with a write token); read-only otherwise.
+    `writable` opens the folders for writes (a server with a write token); read-only otherwise. `db`: the
+    PostgreSQL URL of the only folder's index, or one URL (or None: SQLite) per folder.
 
     All indexes get their text model from `models`, so indexes of one model share one loaded text tower.
     Opening fails here for a missing or unbuilt index (IndexNotFoundError), and closes what it had opened.
@@ -105,11 +110,13 @@ def open_indexes(
 
     if not index_dirs:
         raise IndexNotFoundError("No index to serve: pass at least one --index DIR.")
+    dbs = _dbs(db, len(index_dirs))
     opened: list[tuple[Any, bool]] = []
     try:
-        for item in index_dirs:
+        for item, url in zip(index_dirs, dbs, strict=True):
             if isinstance(item, (str, os.PathLike)):
-                opened.append((Index.open(item, writable=writable, model=model, device=device, models=models), True))
+                index = Index.open(item, writable=writable, model=model, device=device, models=models, db=url)
+                opened.append((index, True))
             else:
                 opened.append((item, False))
     except BaseException:
@@ -124,6 +131,17 @@ def open_indexes(
     }
 
 
+def _dbs(db: str | Sequence[str | None] | None, n: int) -> list[str | None]:
+    """One database URL (or None: SQLite) per served folder; IndexNotFoundError when they do not pair up."""
+    if db is None or isinstance(db, str):
+        if db is not None and n > 1:
+            raise IndexNotFoundError(f"One --db for {n} indexes: give one --db per --index (one database per index).")
+        return [db] * n
+    if len(db) != n:
+        raise IndexNotFoundError(f"{len(db)} --db for {n} --index: give one --db per --index, in the same order.")
+    return list(db)
+
+
 def _unique_names(indexes: Sequence[Any]) -> list[str]:
     names: list[str] = []
     for idx in indexes:
@@ -135,7 +153,7 @@ def _unique_names(indexes: Sequence[Any]) -> list[str]:
     return names
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
     """FastAPI dependency: the app's ServerState."""
     return request.app.state.server
 
