@@ -29,7 +29,7 @@ from . import defaults
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_BELOW = 50_000  # `auto` uses exact search below this many vectors
 IVF_MAX = 3_000_000  # `auto` uses IVF-Flat up to this many vectors (when they fit the memory budget)
-RECALL_SAMPLE = 500  # text-like queries used to measure recall@10 (250 above LARGE: their exact top-10 costs a pass)
+RECALL_SAMPLE = 500  # text-like queries used to measure recall@10 (200 above LARGE: re-ranking reads their rows)
 LARGE = 2_000_000
 MIN_RECALL = 0.95
 TUNE_MARGIN = 0.015  # tuning aims this far above the bar: other queries than the tuning sample's vary by ~0.01
@@ -38,7 +38,7 @@ TRAIN_PER_LIST = 40  # k-means training vectors per IVF list
 MIN_ANN = 1000  # below this many vectors an IVF/IVF-PQ request builds an exact flat index instead
 RETRAIN_GROWTH = 4.0  # an IVF index is retrained once the collection has grown past this many times its training
 RERANK_STEPS = (20, 40, 80, 160, 320, 640, 1000)  # IVF-PQ candidates re-ranked on the stored vectors (tried)
-FETCH_COST = 200  # cost of re-ranking one candidate (a stored row read), in PQ codes scanned, when tuning
+FETCH_COST = 500  # cost of re-ranking one candidate (a stored row read, ~10 us cached), in PQ codes scanned
 MAX_IVFPQ_LISTS = 2048  # assigning 10M 768-d vectors to 2048 centroids takes ~5 min on 2 cores: no more lists
 KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time for no recall once nprobe is tuned
 
@@ -327,7 +327,7 @@ def build(
         log.info("trained in %.1f s", time.perf_counter() - t0)
     truth = None
     if p.kind != "flat" and n:
-        queries = text_like_queries(_topics(sample, index, 0), RECALL_SAMPLE if n <= LARGE else RECALL_SAMPLE // 2)
+        queries = text_like_queries(_topics(sample, index, 0), RECALL_SAMPLE if n <= LARGE else RECALL_SAMPLE * 2 // 5)
         truth = _TopK(queries, min(10, n))
     del sample
     added = 0
@@ -432,27 +432,41 @@ def _fetch_rows(fetch: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, dim:
 
 def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarray, target: float,
              fetch: Callable[[np.ndarray], np.ndarray]) -> tuple[float, dict]:  # fmt: skip
-    """IVF-PQ: for nprobe 1, 2, 4, ... the recall of re-ranking the top R PQ candidates for each R in
-    RERANK_STEPS; the cheapest sufficient (nprobe, R) by scanned codes + FETCH_COST per re-ranked row."""
+    """IVF-PQ: for nprobe = nlist/64, doubled, the recall of re-ranking the top R PQ candidates for each R in
+    RERANK_STEPS; the cheapest sufficient (nprobe, R) by scanned codes + FETCH_COST per re-ranked row.
+
+    Text-like queries never reach the bar at 1/64 of the lists, so the search starts there; stored vectors
+    are read once (cached across steps) and only as deep as the R being tried: at 10M they come from disk."""
     k = truth.shape[1]
     n, nlist = max(1, index.ntotal), int(ivf.nlist)
     depth = min(RERANK_STEPS[-1], n)
+    cache: dict[int, np.ndarray] = {}
+
+    def rows(ids: np.ndarray) -> np.ndarray:  # (Q, R) candidate ids -> (Q, R, D) stored vectors
+        want = [i for i in np.unique(ids[ids >= 0]).tolist() if i not in cache]
+        if want:
+            got = fetch(np.array(want, dtype=np.int64)).astype(np.float16)
+            cache.update(zip(want, got, strict=True))
+        nan = np.full(index.d, np.nan, dtype=np.float16)
+        flat = np.stack([cache.get(i, nan) for i in ids.reshape(-1).tolist()])
+        return flat.astype(np.float32).reshape(ids.shape[0], ids.shape[1], index.d)
+
     options: list[tuple[float, float, int, int]] = []  # (cost, recall, nprobe, R)
     fallback = (0.0, 1, depth)
-    nprobe, after = 1, 0
+    nprobe, after = max(1, nlist // 64), 0
     while True:
         ivf.nprobe = nprobe
         cand = _search_plain(index, queries, depth)[1]
-        vecs = _fetch_rows(fetch, cand, index.d)
         for r in [s for s in RERANK_STEPS if s < depth] + [depth]:
-            recall = _recall(_rerank(queries, cand[:, :r], vecs[:, :r], k)[1], truth)
+            recall = _recall(_rerank(queries, cand[:, :r], rows(cand[:, :r]), k)[1], truth)
             if recall > fallback[0]:
                 fallback = (recall, nprobe, r)
             if recall >= target:
                 options.append((nprobe * n / nlist * ivf.pq.M / 48 + FETCH_COST * r, recall, nprobe, r))
                 break
+        log.info("nprobe %d: best recall@10 %.4f", nprobe, max(fallback[0], options[-1][1] if options else 0))
         after += bool(options)
-        if after >= 3 or nprobe >= nlist:  # two more doublings after the first sufficient setting
+        if after >= 2 or nprobe >= nlist:  # one more doubling after the first sufficient setting
             break
         nprobe = min(2 * nprobe, nlist)
     if options:
