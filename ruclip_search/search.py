@@ -1004,6 +1004,39 @@ class Index:
         records, _ = self._writes.submit(([w for w, _ in writes], []))
         return [_hit(r, 0.0) for r in records]
 
+    def write_many(
+        self, requests: Sequence[tuple[Sequence[dict[str, Any]], Sequence[str]]]
+    ) -> list[tuple[list[Hit], int] | RuclipSearchError]:
+        """Several callers' writes committed together: how a server coalesces concurrent requests without a
+        thread per request. Each request is (photos to add, as dicts of add()'s arguments; keys to remove);
+        each gets (its records, how many of its keys were removed) or its own error: a bad request writes
+        nothing and fails alone, the others are committed in one transaction. Images are encoded here, one
+        after another: for uploads that need encoding, concurrent `add` calls encode in parallel."""
+        self._need_writable()
+        state = self._live_state()
+        out: list[Any] = [None] * len(requests)
+        ready: list[tuple[int, _WriteOp]] = []
+        for i, (items, keys) in enumerate(requests):
+            try:
+                writes = [self._photo_write(dict(item), state) for item in items]
+                self._encode_pending(writes, state)
+                ready.append((i, ([w for w, _ in writes], [validate_key(k) for k in keys])))
+            except RuclipSearchError as e:
+                out[i] = e
+        try:
+            done = self._commit_group([op for _, op in ready]) if ready else []
+        except RuclipSearchError as e:
+            done = [e] if len(ready) == 1 else []
+            for _, op in ready if len(ready) > 1 else ():  # find the bad one(s): each alone
+                try:
+                    done.append(self._commit_group([op])[0])
+                except RuclipSearchError as e:
+                    done.append(e)
+        for (i, _), result in zip(ready, done, strict=True):
+            out[i] = result if isinstance(result, RuclipSearchError) else (
+                [_hit(r, 0.0) for r in result[0]], len(result[1]))  # fmt: skip
+        return out
+
     def _commit_group(self, ops: Sequence[_WriteOp]) -> list[_WriteResult]:
         """Commit the writes and deletes of concurrent callers in one transaction, then make them visible to
         this process's searches (each caller returns after this)."""

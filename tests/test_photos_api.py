@@ -579,3 +579,38 @@ def test_acknowledged_writes_survive_kill_9(tmp_path, tiny_model_path, db):
             assert {h["key"] for h in hits} <= set(w0) and len(hits) == min(200, len(w0))
     finally:
         server.kill()
+
+
+def test_concurrent_puts_and_deletes_are_committed_together(env) -> None:
+    """Requests arriving together are committed in groups (fewer commits than requests); each answers with its
+    own record or its own error: a bad request in a group fails alone and writes nothing."""
+    import asyncio
+
+    import httpx
+
+    served = env.app.state.server.served[env.app.state.server.default_name]
+    for key in ("old1", "old2"):
+        assert _put_json(env.c, key, {"embedding": _unit(env.dim, 1)}).status_code == 200
+    before = served.writes.groups
+
+    async def burst() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=env.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            calls = [ac.put(f"/photos/n{i}", json={"embedding": _unit(env.dim, 10 + i), "collection": f"u{i % 3}"},
+                            headers=W) for i in range(24)]  # fmt: skip
+            calls.append(ac.put("/photos/bad", json={"embedding": [1.0, 2.0]}, headers=W))  # wrong size
+            calls += [ac.delete("/photos/old1", headers=W), ac.delete("/photos/old1", headers=W),
+                      ac.delete("/photos/old2", headers=W)]  # fmt: skip
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(burst())
+    assert [a.status_code for a in answers[:24]] == [200] * 24
+    assert [a.json()["key"] for a in answers[:24]] == [f"n{i}" for i in range(24)]
+    assert [a.json()["collection"] for a in answers[:24]] == [f"u{i % 3}" for i in range(24)]
+    assert answers[24].status_code == 400 and answers[24].json()["code"] == "bad_photo"
+    assert sorted(a.status_code for a in answers[25:27]) == [200, 404] and answers[27].status_code == 200
+    assert served.writes.groups - before < 28  # combined
+    assert env.c.get("/photos/bad", headers=R).status_code == 404
+    assert env.c.get("/photos/old1", headers=R).status_code == 404
+    found = env.c.get("/search", params={"q": "круг", "k": 50, "collection": ["u0", "u1", "u2"]}, headers=R).json()
+    assert sorted(h["key"] for h in found["hits"]) == sorted(f"n{i}" for i in range(24))

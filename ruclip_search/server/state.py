@@ -20,6 +20,7 @@ from fastapi import Request
 from ..defaults import DECODE_SLOTS, MAX_PIXELS
 from ..encoder import ModelCache
 from ..errors import IndexNotFoundError
+from .batcher import WriteBatcher
 from .thumbnails import ThumbCache
 
 log = logging.getLogger("ruclip_search.server")
@@ -33,6 +34,21 @@ class Served:
         self.url_suffix = "" if default else f"?index={name}"  # hits of other indexes name theirs in their URLs
         self._next = 0.0
         self._lock = threading.Lock()
+        self._writes: WriteBatcher | None = None
+
+    @property
+    def writes(self) -> WriteBatcher:
+        """The batcher that commits this index's concurrent API writes together (made on first use)."""
+        if self._writes is None:
+            self._writes = WriteBatcher(self.index)
+        return self._writes
+
+    def close(self) -> None:
+        """Finish pending writes; close the index if this app opened it."""
+        if self._writes is not None:
+            self._writes.close()
+        if self.owned:
+            self.index.close()
 
     def refresh_due(self) -> bool:
         """Whether `maybe_refresh` would look for a new version now (cheap: no I/O)."""
@@ -90,8 +106,7 @@ class ServerState:
     def close(self) -> None:
         """Close the indexes this app opened (not those handed in already open)."""
         for s in self.served.values():
-            if s.owned:
-                s.index.close()
+            s.close()
 
 
 def open_indexes(

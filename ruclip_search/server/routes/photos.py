@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 
 from ...errors import ImageError, QueryError
 from ..deps import AUTH, WRITE_AUTH, ServedIndex, State
@@ -26,21 +27,27 @@ def _not_found(s: ServedIndex, key: str) -> ApiError:
 
 @router.put("/photos/{key}", response_model=HitOut, response_model_exclude={"score"}, dependencies=WRITE_AUTH,
             openapi_extra=PHOTO_BODY, responses=error_responses(400, 401, 403, 404, 413, 415, 503))  # fmt: skip
-def put_photo(state: State, s: ServedIndex, key: Key, photo: Annotated[PhotoInput, Depends(photo_input)]) -> HitOut:
+async def put_photo(
+    state: State, s: ServedIndex, key: Key, photo: Annotated[PhotoInput, Depends(photo_input)]
+) -> HitOut:
     """Add the photo `key`, or replace it (same id): an uploaded image (multipart field `file`), an image file on
     the server (JSON `path`, under an --allow-root folder) or its embedding (JSON `embedding`). Searchable at once.
     """
     key = checked_key(key)
     args = photo.add_kwargs()
     try:
-        if args["embedding"] is not None:
-            hit = s.index.add(key, **args)
+        if args["embedding"] is not None:  # committed with the other requests writing meanwhile
+            hit = await s.writes.put({"key": key, **args})
         else:
-            with state.decoding, state.busy:  # decoding and encoding: bounded like uploaded queries
-                hit = s.index.add(key, **args)
+            hit = await run_in_threadpool(_add_image, state, s, key, args)
     except QueryError as e:  # an undecodable image, a wrong embedding size and the like: nothing was written
         raise ApiError(400, "bad_image" if isinstance(e.__cause__, ImageError) else "bad_photo", str(e)) from None
     return hit_out(s, hit, score=False)
+
+
+def _add_image(state: Any, s: Any, key: str, args: dict[str, Any]) -> Any:
+    with state.decoding, state.busy:  # decoding and encoding: bounded like uploaded queries
+        return s.index.add(key, **args)
 
 
 @router.get("/photos/{key}", response_model=HitOut, response_model_exclude={"score"}, dependencies=AUTH,
@@ -55,8 +62,8 @@ def get_photo(s: ServedIndex, key: Key) -> HitOut:
 
 @router.delete("/photos/{key}", response_model=DeletedOut, dependencies=WRITE_AUTH,
                responses=error_responses(400, 401, 403, 404, 503))  # fmt: skip
-def delete_photo(s: ServedIndex, key: Key) -> DeletedOut:
+async def delete_photo(s: ServedIndex, key: Key) -> DeletedOut:
     """Delete the photo `key` from the index (its file, if any, stays); gone from searches at once."""
-    if not s.index.remove(checked_key(key)):
+    if not await s.writes.remove(checked_key(key)):
         raise _not_found(s, key)
     return DeletedOut(deleted=True)
