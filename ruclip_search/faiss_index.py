@@ -39,7 +39,7 @@ MIN_ANN = 1000  # below this many vectors an IVF/IVF-PQ request builds an exact 
 RETRAIN_GROWTH = 4.0  # an IVF index is retrained once the collection has grown past this many times its training
 RERANK_STEPS = (20, 40, 80, 160, 320, 640, 1000)  # IVF-PQ candidates re-ranked on the stored vectors (tried)
 FETCH_COST = 500  # cost of re-ranking one candidate (a stored row read, ~10 us cached), in PQ codes scanned
-MAX_IVFPQ_LISTS = 2048  # assigning 10M 768-d vectors to 2048 centroids takes ~5 min on 2 cores: no more lists
+MAX_IVFPQ_LISTS = 2048  # adding 8.4M 768-d vectors to 2048 lists took 12 min on 2 cores (bench_scale.py): no more
 KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time for no recall once nprobe is tuned
 
 
