@@ -216,6 +216,12 @@ def main() -> None:
                    "--model says otherwise; folders not named in this run are dropped from the index.")  # fmt: skip
 @index_type_option(None)
 @memory_budget_option
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[auto|local|ADDRESS]",
+              help="Decode and encode on a Ray cluster (pip install 'ruclip-search[ray]'): bare --ray joins a "
+                   "running cluster or starts one here; auto: a running one only; local: a new one on this "
+                   "machine; or HOST:PORT. Paths must be readable on every node.")  # fmt: skip
+@click.option("--ray-actors", type=click.IntRange(1), default=None,
+              help="Encoder actors with --ray [default: one per GPU, else half the CPUs].")  # fmt: skip
 @db_option
 @quiet_option
 @json_option
@@ -232,6 +238,8 @@ def build(
     rebuild: bool,
     index_type: str | None,
     memory_budget: int | None,
+    ray_address: str | None,
+    ray_actors: int | None,
     db: str | None,
     quiet: bool,
     as_json: bool,
@@ -244,6 +252,7 @@ def build(
       ruclip-index build ~/Pictures
       ruclip-index build ./photos ./phone --index indexes/all --exclude '*/.thumbnails/*'
       ruclip-index build ./photos --model ruclip-vit-base-patch32-224 --rebuild
+      ruclip-index build /shared/photos --ray head-node:6379
       ruclip-index build ./photos --index indexes/photos --db postgresql+psycopg://me@dbhost/photos
     """
     from .indexer import build as run_build
@@ -254,6 +263,8 @@ def build(
             list(photos_dir), index=index, model=model, device=device, batch_size=batch_size, workers=workers,
             exclude=exclude, follow_symlinks=follow_symlinks, max_pixels=max_pixels,
             rebuild=rebuild, index_type=index_type, progress=progress, db=db, memory_budget=memory_budget,
+            engine="ray" if ray_address is not None else "local", ray_address=ray_address or None,
+            ray_actors=ray_actors,
         )  # fmt: skip
     finally:
         progress.close()
@@ -523,6 +534,84 @@ def compact(index: Path | None, memory_budget: int | None, db: str | None, quiet
         click.echo(json.dumps(result, ensure_ascii=False, default=str))
     elif not quiet:
         click.echo(", ".join(f"{k}: {v}" for k, v in result.items()))
+
+
+@main.command("export")
+@index_option()
+@click.option(
+    "--parquet",
+    "parquet_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write Parquet shards (key, path, collection, labels, metadata, embedding) into this folder.",
+)
+@click.option(
+    "--clip-retrieval",
+    "clip_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write clip-retrieval's layout (img_emb/img_emb_N.npy + metadata/metadata_N.parquet) here.",
+)
+@click.option(
+    "--shard-rows",
+    type=click.IntRange(1),
+    default=defaults.EXPORT_SHARD_ROWS,
+    show_default=True,
+    help="Rows per shard.",
+)
+@quiet_option
+@json_option
+def export(index: Path | None, parquet_dir: Path | None, clip_dir: Path | None, shard_rows: int, quiet: bool,
+           as_json: bool) -> None:  # fmt: skip
+    """Write the index's embeddings out, streamed shard by shard (pip install 'ruclip-search[parquet]').
+
+    Examples:
+
+    \b
+      ruclip-index export --parquet out/parquet --index indexes/photos
+      ruclip-index export --clip-retrieval out/embeddings      # for autofaiss / clip-retrieval
+    """
+    from .parquet import export_index
+
+    if parquet_dir is None and clip_dir is None:
+        raise click.UsageError("give --parquet DIR, --clip-retrieval DIR, or both.")
+    result = export_index(resolve_index(index), parquet_dir, clip_dir, shard_rows=shard_rows)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+    elif not quiet:
+        click.echo(f"{result['rows']} photos in {result['shards']} shards in {result['seconds']:.1f} s")
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@index_option(required=True)
+@click.option("--model", default=None, help="For a new index: the model the embeddings were made with "
+                                            "(default: the one the shards name).")  # fmt: skip
+@click.option(
+    "--no-reindex",
+    is_flag=True,
+    help="Leave the FAISS file as it is (searches see the rows meanwhile; run `compact` later).",
+)
+@quiet_option
+@json_option
+def import_(source: Path, index: Path, model: str | None, no_reindex: bool, quiet: bool, as_json: bool) -> None:
+    """Put the photos of Parquet shards (a `key` and an `embedding` column each) into an index, by key.
+
+    Each shard is checked whole first; one with a bad row writes nothing. Importing again is safe.
+
+    Examples:
+
+    \b
+      ruclip-index import out/parquet --index indexes/app
+      ruclip-index import ray-output/ --index indexes/new --model ruclip-vit-large-patch14-224
+    """
+    from .parquet import import_shards
+
+    result = import_shards(index, source, model=model, write_index=not no_reindex)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+    elif not quiet:
+        click.echo(f"{result['rows']} photos from {result['shards']} shards in {result['seconds']:.1f} s -> {index}")
 
 
 # -- search commands (search, similar, classify, dupes) ----------------------------------------------

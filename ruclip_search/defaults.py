@@ -83,5 +83,8 @@ WATCH_RETRY = 1.0
 WATCH_REINDEX = 60.0
 WATCH_WORKERS = 2
 
+#: `export`: rows per Parquet shard (and per clip-retrieval .npy file, held in memory as float16 while written).
+EXPORT_SHARD_ROWS = 100_000
+
 #: Where `serve` listens unless told otherwise (loopback only).
 HOST, PORT = "127.0.0.1", 8000

@@ -102,12 +102,7 @@ class _Build:
     @property
     def model(self) -> Any:
         if self._model is None:
-            if isinstance(self.model_arg, (str, os.PathLike)):
-                from .encoder import load_model
-
-                self._model = load_model(self.model_arg, device=self.device, parts=("image",))
-            else:
-                self._model = self.model_arg
+            self._model = self._load_model()
             stored = self.store.dim
             if stored is not None and stored != self._model.dim and self.store.has_embeddings():
                 raise ModelMismatchError(
@@ -116,8 +111,22 @@ class _Build:
                 )
         return self._model
 
+    def _load_model(self) -> Any:
+        """The model that encodes this build's batches (the Ray engine needs only its dim and preprocessor)."""
+        if isinstance(self.model_arg, (str, os.PathLike)):
+            from .encoder import load_model
+
+            return load_model(self.model_arg, device=self.device, parts=("image",))
+        return self.model_arg
+
     def preprocessor(self) -> Any:
         return self.model.preprocessor
+
+    def _encode(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """(N, D) embeddings of a batch's pixels (the Ray engine's batches hold embeddings already)."""
+        import torch
+
+        return self.model.encode_pixels(torch.from_numpy(np.stack(pixels)))
 
     def _count(self, job: _Job) -> None:
         if job.row_id is None:
@@ -157,10 +166,7 @@ class _Build:
         """Encode the batch and commit it, with failures, in one transaction."""
         rows: list[tuple[ImageWrite, int | None]] = []
         if self.batch:
-            import torch
-
-            pixels = torch.from_numpy(np.stack([b[1] for b in self.batch]))
-            vectors = self.model.encode_pixels(pixels)
+            vectors = self._encode([b[1] for b in self.batch])
             for (job, _, digest, info), vec in zip(self.batch, vectors, strict=True):
                 emb = encode_embedding(vec)
                 self.known[digest] = emb
@@ -309,6 +315,9 @@ def build(
     progress: Progress | None = None,
     db: str | None = None,
     memory_budget: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
 ) -> BuildReport:
     """Index (or update the index of) photo folders; returns counts and speed. See the module docstring.
 
@@ -317,6 +326,8 @@ def build(
     `rebuild`: re-encode everything into a new index that replaces this one when complete (readers keep the
     old one until then); the new index holds only the `photos` folders of this run.
     `memory_budget` (bytes): what `auto` may let the FAISS index take in RAM (remembered in the index).
+    `engine="ray"`: decode and encode on a Ray cluster (`ray_address`: None joins a running one or starts a
+    local one, "auto", "local" or an address; `ray_actors` encoder actors); see ray_engine.
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise RuclipSearchError(MAIN_GUARD_HINT)
@@ -331,12 +342,15 @@ def build(
             raise RuclipSearchError(f"No such folder: {root!r}. Check the path and run again.")
     if index_type is not None and index_type not in defaults.INDEX_TYPES:
         raise RuclipSearchError(f"Unknown index type {index_type!r}: use one of {', '.join(defaults.INDEX_TYPES)}.")
+    if engine not in ("local", "ray"):
+        raise RuclipSearchError(f"Unknown engine {engine!r}: use 'local' or 'ray'.")
     index_dir = Path(index) if index is not None else default_index_dir(roots)
     if workers is None:
         workers = max(1, (os.cpu_count() or 2) - 1)
     report = BuildReport(index=str(index_dir))
     opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, index_type,
-                    progress, memory_budget=memory_budget)  # fmt: skip
+                    progress, memory_budget=memory_budget, engine=engine, ray_address=ray_address,
+                    ray_actors=ray_actors)  # fmt: skip
     with _writer(index_dir, db) as store:
         if rebuild:
             _rebuild(store, report, roots, opts)
@@ -448,6 +462,9 @@ class _Options:
     progress: Progress | None
     decoder: _Decoder | None = None  # a started decoder kept across calls (the watcher's); else one per run
     memory_budget: int | None = None  # bytes the FAISS index may take (remembered in meta)
+    engine: str = "local"  # "local" (worker processes + this process's model) or "ray" (ray_engine)
+    ray_address: str | None = None  # engine="ray": None (running cluster, else a new local one), auto, local, ADDRESS
+    ray_actors: int | None = None  # engine="ray": encoder actors (default: one per GPU, else about half the CPUs)
 
 
 def _model_name(store: Store, report: BuildReport, model: Any) -> str:
@@ -532,7 +549,11 @@ def _run(
     to_decode = _apply_known_content(store, report, state, jobs, gone, scope is not None) if jobs or gone else []
 
     # 4. Decode ahead in worker processes, encode in batches, commit per batch.
-    if to_decode:
+    if to_decode and opts.engine == "ray":  # decode and encode on a Ray cluster; committed here all the same
+        from .ray_engine import encode_on_ray
+
+        encode_on_ray(store, report, model, name, to_decode, opts)
+    elif to_decode:
         batch_size = opts.batch_size if opts.batch_size is not None else default_batch_size(opts.device)
         b = _Build(store, report, model, name, opts.device, batch_size, progress)
         b.total = len(to_decode)

@@ -1499,12 +1499,27 @@ def _copy_rows(src: sa.Connection, dst: sa.Connection, table: sa.Table, query: A
     """Stream `query` (default: all of `table`) from `src` into `table` in `dst`, `chunk` rows per insert."""
     query = query if query is not None else sa.select(*table.c)
     done = 0
-    for part in src.execution_options(yield_per=chunk).execute(query).partitions():
-        dst.execute(sa.insert(table), [dict(r._mapping) for r in part])
-        done += len(part)
-        if progress is not None:
-            progress(done)
+    with contextlib.ExitStack() as stack:
+        copy = None
+        if dst.dialect.name == "postgresql":  # binary COPY: several times the rows/s of multi-row INSERTs
+            cols = list(query.selected_columns)
+            cursor = stack.enter_context(dst.connection.driver_connection.cursor())  # `dst`'s transaction
+            names = ", ".join(c.name for c in cols)
+            copy = stack.enter_context(cursor.copy(f"COPY {table.name} ({names}) FROM STDIN (FORMAT BINARY)"))
+            copy.set_types([_PG_COPY_TYPES[c.type.compile(dialect=dst.dialect)] for c in cols])
+        for part in src.execution_options(yield_per=chunk).execute(query).partitions():
+            if copy is not None:
+                for row in part:
+                    copy.write_row(tuple(row))
+            else:
+                dst.execute(sa.insert(table), [dict(r._mapping) for r in part])
+            done += len(part)
+            if progress is not None:
+                progress(done)
     return done
+
+
+_PG_COPY_TYPES = {"BIGINT": "int8", "INTEGER": "int4", "TEXT": "text", "BYTEA": "bytea", "DOUBLE PRECISION": "float8"}
 
 
 def _high_water(conn: sa.Connection, table: str) -> int:

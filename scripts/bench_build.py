@@ -4,7 +4,11 @@ Uses the Debian wallpaper photos (scripts/get_wallpapers.sh -> bench-data/wallpa
 model of a released architecture (default ruclip-vit-base-patch32-224), so nothing is downloaded.
 
     python scripts/bench_build.py [--photos bench-data/wallpapers] [--arch ruclip-vit-base-patch32-224]
-        [--device cpu] [--dtype float32] [--workers N] [--batch-size 8]
+        [--device cpu] [--dtype float32] [--workers N] [--batch-size 8] [--ray] [--limit N]
+
+--ray also builds the same photos with engine="ray" on a local Ray cluster of all this machine's CPUs
+(started before the clock runs; its start-up time is reported apart) and reports its overhead beside the
+local build of the same run.
 """
 
 from __future__ import annotations
@@ -82,6 +86,15 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="float32 (CPU default), float16, bfloat16")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--batch-size", type=int, default=8)  # the CPU default of build()
+    ap.add_argument("--ray", action="store_true", help="also build with engine='ray' on a local cluster")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N photos")
+    ap.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="use each photo this many times, each copy with other trailing bytes (not a duplicate)",
+    )
+    ap.add_argument("--skip-parts", action="store_true", help="skip the decode-only and model-only figures")
     args = ap.parse_args()
 
     import torch
@@ -94,6 +107,17 @@ def main() -> None:
     if not paths:
         sys.exit(f"no photos under {args.photos}: run scripts/get_wallpapers.sh first")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.limit is not None or args.copies > 1:  # the first N photos, each `copies` times
+            paths = sorted(paths)[: args.limit]
+            (Path(tmp) / "photos").mkdir()
+            copies = []
+            for k, p in enumerate(paths):
+                data = Path(p).read_bytes()
+                for c in range(args.copies):  # bytes after the image's end: same decoding work, another hash
+                    copy = Path(tmp) / "photos" / f"{k:05d}-{c:03d}{Path(p).suffix}"
+                    copy.write_bytes(data + b"\0" * c)
+                    copies.append(str(copy))
+            paths, args.photos = copies, str(Path(tmp) / "photos")
         folder = random_model_folder(args.arch, Path(tmp) / "model")
         model = load_model(folder, device=args.device, parts=("image",), dtype=args.dtype)
         cpus = os.cpu_count() or 1
@@ -101,17 +125,44 @@ def main() -> None:
             "arch": args.arch, "device": str(model.device), "dtype": str(model.net.dtype), "images": len(paths),
             "workers": args.workers, "batch_size": args.batch_size, "cpus": cpus, "torch_threads": torch.get_num_threads(),
         }  # fmt: skip
-        out["decode_only_img_s"] = round(decode_only(paths, model.preprocessor, args.workers), 1)
-        n = max(len(paths), 2 * args.batch_size)
-        out["model_only_img_s_all_threads"] = round(model_only(model, n, args.batch_size, torch.get_num_threads()), 1)
-        shared = max(1, cpus - args.workers) if model.device.type == "cpu" else torch.get_num_threads()
-        out["model_only_img_s_build_threads"] = round(model_only(model, n, args.batch_size, shared), 1)
+        if not args.skip_parts:
+            out["decode_only_img_s"] = round(decode_only(paths, model.preprocessor, args.workers), 1)
+            n = max(len(paths), 2 * args.batch_size)
+            threads = torch.get_num_threads()
+            out["model_only_img_s_all_threads"] = round(model_only(model, n, args.batch_size, threads), 1)
+            shared = max(1, cpus - args.workers) if model.device.type == "cpu" else torch.get_num_threads()
+            out["model_only_img_s_build_threads"] = round(model_only(model, n, args.batch_size, shared), 1)
         t = time.perf_counter()
         report = build(args.photos, index=Path(tmp) / "index", model=model, workers=args.workers,
                        batch_size=args.batch_size)  # fmt: skip
         out["whole_build_img_s"] = round(report.added / (time.perf_counter() - t), 1)
         out["whole_build_report"] = report.to_dict()
+        if args.ray:
+            out.update(ray_build(args, folder, Path(tmp), out["whole_build_img_s"]))
     print(json.dumps(out, indent=2))
+
+
+def ray_build(args: argparse.Namespace, folder: Path, tmp: Path, local_img_s: float) -> dict:
+    """engine="ray" on a local cluster of this machine's CPUs; the model folder is loaded by the actors."""
+    import ray
+
+    from ruclip_search.indexer import build
+
+    t = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    started = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        report = build(args.photos, index=tmp / "ray-index", model=str(folder), device=args.device,
+                       batch_size=args.batch_size, engine="ray")  # fmt: skip
+        seconds = time.perf_counter() - t
+    finally:
+        ray.shutdown()
+    img_s = report.added / seconds
+    return {
+        "ray_cluster_start_s": round(started, 2), "ray_whole_build_img_s": round(img_s, 1),
+        "ray_overhead_pct": round(100 * (local_img_s / img_s - 1), 1), "ray_build_report": report.to_dict(),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

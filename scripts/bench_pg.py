@@ -97,7 +97,7 @@ def prepare(folder: Path, db: str, n: int) -> None:
 
 def cases() -> dict[str, SearchFilters]:
     return {
-        "under (1/10 of the photos)": SearchFilters.parse(under="/photos/d007"),
+        "under (1 of 100 folders)": SearchFilters.parse(under="/photos/d007"),
         "date range (one month)": SearchFilters.parse(date_from="2019-03-01", date_to="2019-03-31"),
         "formats (PNG)": SearchFilters.parse(formats=["png"]),
         "collections (1 of 1,000)": SearchFilters.parse(collections=["c17"]),

@@ -234,3 +234,18 @@ def search_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[d
     report = build(base / "photos", index=base / "index", model=str(TINY_MODEL), workers=0, device="cpu")
     assert report.added == len(photos) and report.failed == 0
     return base / "index", photos
+
+
+# -- a local Ray cluster (tests marked `ray`) ----------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """A 2-CPU local Ray cluster for the whole session (small object store, no dashboard); its GCS address.
+
+    Its workers import the tests' modules (misbehaving loaders and models) through PYTHONPATH.
+    """
+    ray = pytest.importorskip("ray", reason="Ray tests need the dev extra: pip install -e '.[dev]'")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    info = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
+                    logging_level="WARNING", log_to_driver=False)  # fmt: skip
+    yield info.address_info["gcs_address"]
+    ray.shutdown()
