@@ -308,7 +308,13 @@ def info(index: Path | None, db: str | None, show_errors: bool, as_json: bool) -
     recall = data["recall_at_10"]
     lines = [
         f"index:      {data['index']}",
-        f"images:     {data['images']}",
+        f"images:     {data['images']}" + (f" ({data['videos']} videos)" if data.get("videos") else ""),
+        *([f"raw pairs:  {data['raw_pairs']} (JPEG indexed, RAW beside it)"] if data.get("raw_pairs") else []),
+        *(
+            [f"live:       {data['live_photos']} Live Photos (still indexed, video linked)"]
+            if data.get("live_photos")
+            else []
+        ),
         f"errors:     {data['errors']}",
         f"model:      {data['model']}",
         f"dimension:  {data['dim']}",
@@ -627,20 +633,27 @@ def filter_options(f: F) -> F:
         click.option("--to", "date_to", metavar="DATE", default=None,
                      help="Only photos taken on/before DATE (a bare date includes that day)."),
         click.option("--format", "formats", multiple=True, metavar="FMT", help="Only this format, e.g. JPEG (repeatable)."),
+        click.option("--media", type=click.Choice(["photo", "video"]), default=None,
+                     help="Only photos (RAW pairs and Live Photos too) or only videos."),
     ]):  # fmt: skip
         f = option(f)
     return f
 
 
 def _search_filters(
-    under: Path | None, date_from: str | None, date_to: str | None, formats: tuple[str, ...], min_score: float | None
+    under: Path | None,
+    date_from: str | None,
+    date_to: str | None,
+    formats: tuple[str, ...],
+    min_score: float | None,
+    media: str | None = None,
 ) -> Any:
     """The filter options as one SearchFilters; a bad value is a usage error naming its option."""
     from .errors import QueryError
     from .filters import SearchFilters
 
     given = {"under": under, "date_from": date_from, "date_to": date_to, "formats": formats or None,
-             "min_score": min_score}  # fmt: skip
+             "min_score": min_score, "media": media}  # fmt: skip
     try:
         return SearchFilters.parse(**given)
     except QueryError as e:
@@ -669,7 +682,8 @@ def _print_hits(hits: list, as_json: bool, offset: int = 0) -> None:
         return
     width = len(str(offset + len(hits)))
     for rank, h in enumerate(hits, offset + 1):
-        click.echo(f"{rank:>{width}}  {h.score:7.4f}  {display_path(h.path)}")
+        at = f"  (t={h.t:g} s)" if getattr(h, "t", None) is not None else ""
+        click.echo(f"{rank:>{width}}  {h.score:7.4f}  {display_path(h.path)}{at}")
 
 
 @main.command()
@@ -690,8 +704,9 @@ def _print_hits(hits: list, as_json: bool, offset: int = 0) -> None:
 @db_option
 @json_option
 def search(query: str | None, index: Path | None, k: int, offset: int, min_score: float | None, under: Path | None,
-           date_from: str | None, date_to: str | None, formats: tuple[str, ...], images: tuple[Path, ...],
-           minus: tuple[str, ...], minus_weight: float, device: str, db: str | None, as_json: bool) -> None:  # fmt: skip
+           date_from: str | None, date_to: str | None, formats: tuple[str, ...], media: str | None,
+           images: tuple[Path, ...], minus: tuple[str, ...], minus_weight: float, device: str, db: str | None,
+           as_json: bool) -> None:  # fmt: skip
     """Find photos matching QUERY (Russian text), optionally mixed with --image and --minus terms.
 
     Examples:
@@ -700,12 +715,13 @@ def search(query: str | None, index: Path | None, k: int, offset: int, min_score
       ruclip-index search "рыжий кот спит на диване"
       ruclip-index search "кот" --minus "собака" -k 50 --from 2023-01-01
       ruclip-index search "море" --image beach.jpg --json
+      ruclip-index search "салют" --media video
     """
     from .errors import QueryError
 
     if (query is None or not query.strip()) and not images:
         raise QueryError("The query is empty: type what to look for, e.g. ruclip-index search 'кот на диване'.")
-    filters = _search_filters(under, date_from, date_to, formats, min_score)
+    filters = _search_filters(under, date_from, date_to, formats, min_score, media)
     idx = _open_index(index, device, db)
     try:
         for text in [query or "", *minus]:
@@ -731,7 +747,8 @@ def search(query: str | None, index: Path | None, k: int, offset: int, min_score
 @db_option
 @json_option
 def similar(photo: Path, index: Path | None, k: int, offset: int, min_score: float | None, under: Path | None,
-            date_from: str | None, date_to: str | None, formats: tuple[str, ...], device: str, db: str | None,
+            date_from: str | None, date_to: str | None, formats: tuple[str, ...], media: str | None, device: str,
+            db: str | None,
             as_json: bool) -> None:  # fmt: skip
     """Find photos like PHOTO (an indexed photo: itself excluded; any other picture: searched by its pixels).
 
@@ -741,7 +758,7 @@ def similar(photo: Path, index: Path | None, k: int, offset: int, min_score: flo
       ruclip-index similar ./photos/cat.jpg
       ruclip-index similar ~/Downloads/example.jpg -k 5
     """
-    filters = _search_filters(under, date_from, date_to, formats, min_score)
+    filters = _search_filters(under, date_from, date_to, formats, min_score, media)
     idx = _open_index(index, device, db)
     try:
         if idx.store.find_path(photo) is not None:

@@ -88,3 +88,10 @@ EXPORT_SHARD_ROWS = 100_000
 
 #: Where `serve` listens unless told otherwise (loopback only).
 HOST, PORT = "127.0.0.1", 8000
+
+#: Videos: the frames indexed lie at these fractions of the duration (five: a scene that fills a fifth of a
+#: video is caught); finding one decodes at most VIDEO_SEEK_FRAMES frames after its keyframe. A RAW or video file
+#: whose decoding takes longer than DECODE_TIMEOUT seconds is recorded as an error (never a hung build).
+VIDEO_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+VIDEO_SEEK_FRAMES = 48
+DECODE_TIMEOUT = 60.0

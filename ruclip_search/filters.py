@@ -34,6 +34,7 @@ class SearchFilters:
     min_score: float | None = None  # drop hits whose cosine similarity is below this
     collections: frozenset[str] | None = None  # images in any of these collections (validated names)
     labels: frozenset[str] | None = None  # images with any of these labels (validated names)
+    media: str | None = None  # "photo" (photos, RAW pairs and Live Photos) or "video"
 
     @classmethod
     def parse(
@@ -46,13 +47,14 @@ class SearchFilters:
         min_score: float | None = None,
         collections: Iterable[str] | str | None = None,
         labels: Iterable[str] | str | None = None,
+        media: str | None = None,
     ) -> SearchFilters:
         """Validate and normalise; raises QueryError with what to type instead.
 
         `under` is a folder (absolute, or relative to the current directory); `date_from`/`date_to` are
         dates or date-times (ISO strings accepted; a bare date as `date_to` includes that whole day; aware
         times are converted to local wall-clock time); `formats` e.g. {"JPEG", "png", "jpg"}; `collections`
-        and `labels` are names (any of them matches; see `validate_name`).
+        and `labels` are names (any of them matches; see `validate_name`); `media` is "photo" or "video".
         """
         return cls(
             under=_folder(under) if under is not None else None,
@@ -62,6 +64,7 @@ class SearchFilters:
             min_score=_score(min_score) if min_score is not None else None,
             collections=_names(collections, "collection") if collections is not None else None,
             labels=_names(labels, "label") if labels is not None else None,
+            media=_media(media) if media is not None else None,
         )
 
     @property
@@ -74,6 +77,7 @@ class SearchFilters:
             or self.formats is not None
             or self.collections is not None
             or self.labels is not None
+            or self.media is not None
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +97,8 @@ class SearchFilters:
             out["collections"] = sorted(self.collections)
         if self.labels is not None:
             out["labels"] = sorted(self.labels)
+        if self.media is not None:
+            out["media"] = self.media
         return out
 
 
@@ -192,6 +198,16 @@ def _formats(values: Iterable[str] | str) -> frozenset[str]:
     if not out:
         raise QueryError("The format filter is empty: name at least one format, e.g. JPEG.")
     return frozenset(out)
+
+
+MEDIA = ("photo", "video")
+
+
+def _media(value: str) -> str:
+    name = str(value).strip().lower()
+    if name not in MEDIA:
+        raise QueryError(f"Bad media {value!r}: use photo or video.")
+    return name
 
 
 def _score(value: float) -> float:

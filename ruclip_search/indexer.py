@@ -80,6 +80,8 @@ class _Job:
     mtime_ns: int
     row_id: int | None
     content_hash: bytes | None = None
+    raw_name: bytes | None = None  # the RAW of a RAW+JPEG pair (a file name beside this one)
+    live_name: bytes | None = None  # the video of a Live Photo
 
 
 # -- the build ---------------------------------------------------------------------------------------
@@ -93,6 +95,8 @@ class _Build:
         self.progress = progress
         self._model: Any = None
         self.batch: list[tuple[_Job, np.ndarray, bytes, FileMeta | None]] = []
+        self.videos: list[tuple[_Job, Loaded]] = []  # encoded with the batch; never deduplicated by content
+        self.frames = 0  # frames in self.videos
         self.followers: dict[bytes, list[tuple[_Job, FileMeta | None]]] = {}
         self.failures: list[tuple[_Job, bytes | None, str]] = []
         self.known: dict[bytes, bytes] = {}  # content hash -> float16 embedding encoded in this run
@@ -136,23 +140,29 @@ class _Build:
 
     @staticmethod
     def _row(job: _Job, digest: bytes | None, file_meta: FileMeta | None, emb: bytes | None,
-             error: str | None) -> ImageWrite:  # fmt: skip
+             error: str | None, video: Loaded | None = None) -> ImageWrite:  # fmt: skip
         return ImageWrite(
             job.root_id, job.relpath, job.size, job.mtime_ns, content_hash=digest, meta=file_meta, embedding=emb,
-            error=error,
+            error=error, raw_name=job.raw_name, live_name=job.live_name,
+            media="video" if video is not None else None,
+            t=video.frame_times[0] if video is not None and video.frame_times else None,
+            duration=video.duration if video is not None else None,
         )  # fmt: skip
 
     def add(self, job: _Job, result: Loaded) -> None:
         pixels, digest, info = result.pixels, result.content_hash, result.meta
         if pixels is None or digest is None:
             self.failures.append((job, digest, result.error or "cannot decode"))
+        elif result.frame_times is not None:
+            self.videos.append((job, result))
+            self.frames += len(pixels)
         elif digest in self.known:
             self._commit_reused(job, digest, info)
         elif any(d == digest for _, _, d, _ in self.batch):
             self.followers.setdefault(digest, []).append((job, info))
         else:
             self.batch.append((job, pixels, digest, info))
-        if len(self.batch) >= self.batch_size or len(self.failures) >= 4 * self.batch_size:
+        if len(self.batch) + self.frames >= self.batch_size or len(self.failures) >= 4 * self.batch_size:
             self.flush()
 
     def _commit_reused(self, job: _Job, digest: bytes, info: FileMeta | None) -> None:
@@ -165,8 +175,18 @@ class _Build:
     def flush(self) -> None:
         """Encode the batch and commit it, with failures, in one transaction."""
         rows: list[tuple[ImageWrite, int | None]] = []
-        if self.batch:
-            vectors = self._encode([b[1] for b in self.batch])
+        frames: dict[int, list[tuple[float, bytes]]] = {}  # index in rows -> a video's other frames
+        if self.batch or self.videos:
+            all_vectors = self._encode([b[1] for b in self.batch] + [f for _, r in self.videos for f in r.pixels])
+            vectors, at = all_vectors[: len(self.batch)], len(self.batch)
+            for job, result in self.videos:  # a video's first frame is its own embedding, the others frame rows
+                n = len(result.pixels)
+                embs = [encode_embedding(v) for v in all_vectors[at : at + n]]
+                at += n
+                rows.append((self._row(job, result.content_hash, result.meta, embs[0], None, result), job.row_id))
+                frames[len(rows) - 1] = list(zip(result.frame_times[1:], embs[1:], strict=True))
+                self._count(job)
+                self.report.encoded += 1
             for (job, _, digest, info), vec in zip(self.batch, vectors, strict=True):
                 emb = encode_embedding(vec)
                 self.known[digest] = emb
@@ -181,15 +201,18 @@ class _Build:
             rows.append((self._row(job, digest, None, None, reason), job.row_id))
             self.report.failed += 1
             self.report.errors.append((job.path, reason))
+        encoded = bool(self.batch or self.videos)
         if rows:
             with self.store.transaction() as conn:
-                if self.batch and not self.recorded:  # the index is bound to a model once it holds its vectors
+                if encoded and not self.recorded:  # the index is bound to a model once it holds its vectors
                     self.store.set_model(conn, self.name, self.model.dim)
-                for row, row_id in rows:
-                    self.store.upsert_image(conn, row, row_id)
-            self.recorded = self.recorded or bool(self.batch)
+                for i, (row, row_id) in enumerate(rows):
+                    image_id = self.store.upsert_image(conn, row, row_id)
+                    if frames.get(i):
+                        self.store.put_frames(conn, image_id, frames[i])
+            self.recorded = self.recorded or encoded
         self._tick(len(rows))
-        self.batch, self.failures = [], []
+        self.batch, self.failures, self.videos, self.frames = [], [], [], 0
 
     def _tick(self, n: int) -> None:
         self.done += n
@@ -278,7 +301,8 @@ def _fold_changes(store: Store, kind: str, budget: int | None) -> tuple[Any, dic
     if path is None or not path.exists() or kind_now not in ("flat", "ivf", "ivfpq") or not meta.get("dim"):
         return None
     dim = int(meta["dim"])
-    n = store.counts()["images"]
+    with store.embedding_snapshot() as snapshot:
+        n = snapshot.count  # every embedded row, videos' frames included (as the FAISS file holds them)
     if faiss_index.plan(n, dim, kind, memory_budget=budget).kind != kind_now:
         return None
     trained_n = int(meta.get("index_trained_n") or meta.get("index_count") or 0)
@@ -522,31 +546,49 @@ def _run(
         )
     seen: set[tuple[int, bytes]] = set()
     jobs: list[_Job] = []
+    relinks: list[tuple[int, bytes | None, bytes | None]] = []  # unchanged stills whose RAW or video changed
     scanned = 0
+    found: list[Any] = []
     for entry in entries:
         rid = root_ids[entry.root]
         key = (rid, os.fsencode(entry.relpath))
         if key in seen:  # scoped paths may overlap (a folder and a file in it)
             continue
         seen.add(key)
+        found.append((key, entry))
+    if scope is not None:  # a synced RAW or video may stand for its pair's still, outside the scope's rows
+        missing = [key for key, _ in found if key not in state]
+        if missing:
+            state.update(store.scan_state(missing))
+    for key, entry in found:
+        rid = key[0]
         scanned += 1
         if progress is not None and scanned % 1000 == 0:
             progress("scan", scanned, None)
         row = state.get(key)
+        raw_name = os.fsencode(entry.raw_name) if entry.raw_name else None
+        live_name = os.fsencode(entry.live_name) if entry.live_name else None
         if (
             row is not None
             and (row.size, row.mtime_ns) == (entry.size, entry.mtime_ns)
             and (row.has_embedding or row.has_error)
         ):
             report.unchanged += 1
+            if (row.raw_name, row.live_name) != (raw_name, live_name):
+                relinks.append((row.id, raw_name, live_name))
             continue
-        jobs.append(_Job(rid, key[1], entry.path, entry.size, entry.mtime_ns, row.id if row else None))
+        jobs.append(_Job(rid, key[1], entry.path, entry.size, entry.mtime_ns, row.id if row else None,
+                         raw_name=raw_name, live_name=live_name))  # fmt: skip
     if progress is not None:
         progress("scan", scanned, scanned)
     wanted = set(root_ids.values())
     gone = {key: row for key, row in state.items() if key[0] in wanted and key not in seen}
 
     to_decode = _apply_known_content(store, report, state, jobs, gone, scope is not None) if jobs or gone else []
+    if relinks:
+        with store.transaction() as conn:
+            for image_id, raw_name, live_name in relinks:
+                store.set_companions(conn, image_id, raw_name, live_name)
 
     # 4. Decode ahead in worker processes, encode in batches, commit per batch.
     if to_decode and opts.engine == "ray":  # decode and encode on a Ray cluster; committed here all the same
@@ -681,20 +723,23 @@ def _apply_known_content(
             old = state.get((job.root_id, job.relpath))
             if digest is not None and old is not None and old.content_hash == digest and old.has_embedding:
                 store.touch(conn, old.id, job.size, job.mtime_ns)
+                store.set_companions(conn, old.id, job.raw_name, job.live_name)
                 report.unchanged += 1  # touched, same content
             elif digest is not None and job.row_id is None and digest in gone_by_hash:
                 moved = gone.pop(gone_by_hash.pop(digest))
                 store.move(conn, moved.id, job.root_id, job.relpath, job.size, job.mtime_ns)
+                store.set_companions(conn, moved.id, job.raw_name, job.live_name)
                 report.moved += 1
             elif (
                 digest is not None and job.row_id is None and partial and (src := _vanished(store, conn, digest, gone))
             ):
                 store.move(conn, src, job.root_id, job.relpath, job.size, job.mtime_ns)
+                store.set_companions(conn, src, job.raw_name, job.live_name)
                 report.moved += 1
             elif digest is not None and (known := store.content_by_hash(conn, digest)) is not None:
                 row = ImageWrite(
                     job.root_id, job.relpath, job.size, job.mtime_ns, content_hash=digest, meta=known.meta,
-                    embedding=known.embedding,
+                    embedding=known.embedding, raw_name=job.raw_name, live_name=job.live_name,
                 )  # fmt: skip
                 store.upsert_image(conn, row, job.row_id)
                 report.reused += 1

@@ -1,6 +1,7 @@
 """Read, hash, decode and preprocess files in worker processes ahead of the model.
 
-`load_one` turns one path into a `Loaded` (pixels and metadata, or the reason it failed); `_Decoder` runs it
+`load_one` turns one path into a `Loaded` (pixels and metadata, or the reason it failed): a photo by `decode`, a
+camera RAW by `raw`, a video (several frames) by `video`, each RAW or video under a decode deadline; `_Decoder` runs it
 over many files in a process pool, several chunks ahead of the consumer, and pins a file that kills its
 worker on that file instead of stopping the build.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -19,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from . import _procs
+from . import _procs, defaults, media
 from .errors import ImageError, RuclipSearchError
 
 CHUNK = 8  # files per worker task: small enough to balance load and to isolate a crashing file cheaply
@@ -44,10 +46,12 @@ class FileMeta:  # what the header/EXIF says; field names equal the store's imag
 class Loaded:
     """What a worker made of one file: pixels and metadata, or the reason it failed."""
 
-    pixels: np.ndarray | None  # (3, H, W) float32, None when the file failed
+    pixels: np.ndarray | None  # (3, H, W) float32, None when the file failed; a video's: (N, 3, H, W)
     content_hash: bytes | None
     meta: FileMeta | None
     error: str | None
+    frame_times: tuple[float, ...] | None = None  # a video: the time (s) of each of its N frames
+    duration: float | None = None  # a video's length (s)
 
 
 #: A loader: (preprocessor, path, max_pixels) -> Loaded. Must be a module-level function (it is pickled
@@ -55,16 +59,42 @@ class Loaded:
 Loader = Callable[[Any, str, "int | None"], Loaded]
 
 
+#: Files above this size (videos, in practice) are hashed on their size and three 4 MiB samples (start, middle,
+#: end) instead of every byte: reading an hour of 4K (~20 GB) to recognise a move would cost minutes.
+SAMPLED_HASH_ABOVE = 64 * 1024 * 1024
+_SAMPLE = 4 * 1024 * 1024
+
+
 def file_hash(data: bytes) -> bytes:
-    """Content hash used to recognise moves, renames and duplicates."""
+    """Content hash used to recognise moves, renames and duplicates (the same as `hash_file` of that file)."""
+    if len(data) > SAMPLED_HASH_ABOVE:
+        mid = (len(data) - _SAMPLE) // 2
+        return _sampled([data[:_SAMPLE], data[mid : mid + _SAMPLE], data[-_SAMPLE:]], len(data))
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+def _sampled(parts: list[bytes], size: int) -> bytes:
+    h = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16, person=b"sampled")
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
 def hash_file(path: str) -> bytes | None:
-    """Content hash of a file, or None when it cannot be read (it is then decoded and fails there)."""
+    """Content hash of a file, read in chunks (memory stays small), or None when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            return file_hash(f.read())
+            size = os.fstat(f.fileno()).st_size
+            if size > SAMPLED_HASH_ABOVE:
+                parts = []
+                for offset in (0, (size - _SAMPLE) // 2, size - _SAMPLE):
+                    f.seek(offset)
+                    parts.append(f.read(_SAMPLE))
+                return _sampled(parts, size)
+            h = hashlib.blake2b(digest_size=16)
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            return h.digest()
     except OSError:
         return None
 
@@ -73,8 +103,43 @@ def _failed(reason: str, digest: bytes | None = None) -> Loaded:
     return Loaded(None, digest, None, reason)
 
 
+def _meta(info: dict[str, Any]) -> FileMeta:
+    taken = info.get("taken_at")
+    return FileMeta(
+        width=info.get("width"),
+        height=info.get("height"),
+        format=info.get("format"),
+        taken_at=taken.isoformat() if hasattr(taken, "isoformat") else taken,
+        camera_make=info.get("camera_make"),
+        camera_model=info.get("camera_model"),
+    )
+
+
+def load_video(preprocessor: Any, path: str, max_pixels: int | None) -> Loaded:
+    """Sample, hash and preprocess one video's frames (the file is never read whole); never raises."""
+    from . import video
+
+    digest = hash_file(path)
+    if digest is None:
+        return _failed("file vanished before it could be read" if not os.path.exists(path) else "cannot read")
+    try:
+        with media.deadline(defaults.DECODE_TIMEOUT, "decoding this video"):
+            size = round(1.5 * preprocessor.image_size)  # as the JPEG draft: the resize still antialiases
+            frames, info = video.sample_frames(path, short_side=size)
+            pixels = np.stack([preprocessor(image).numpy() for _, image in frames])
+    except ImageError as e:
+        return _failed(str(e) or "cannot decode video", digest)
+    except Exception as e:
+        return _failed(f"cannot decode video: {type(e).__name__}: {e}", digest)
+    times = tuple(t for t, _ in frames)
+    return Loaded(pixels, digest, _meta(info), None, frame_times=times, duration=info.get("duration"))
+
+
 def load_one(preprocessor: Any, path: str, max_pixels: int | None) -> Loaded:
     """Read, hash, decode and preprocess one file; never raises for a bad file (the reason is in `error`)."""
+    kind = media.kind_of(path)
+    if kind == media.VIDEO:
+        return load_video(preprocessor, path, max_pixels)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -88,26 +153,26 @@ def load_one(preprocessor: Any, path: str, max_pixels: int | None) -> Loaded:
     if not data:
         return _failed("empty file (0 bytes)", digest)
     try:
-        tensor, info = preprocessor.load_with_info(io.BytesIO(data), max_pixels=max_pixels)
+        if kind == media.RAW:
+            from .raw import decode_raw
+
+            fmt = os.path.splitext(path)[1].lstrip(".").upper() or "RAW"
+            with media.deadline(defaults.DECODE_TIMEOUT, "decoding this RAW file"):
+                image, info = decode_raw(data, min_side=preprocessor.image_size, fmt=fmt, max_pixels=max_pixels)
+                tensor = preprocessor(image)
+        else:
+            tensor, info = preprocessor.load_with_info(io.BytesIO(data), max_pixels=max_pixels)
     except ImageError as e:
         return _failed(str(e) or "cannot decode", digest)
     except Exception as e:  # a decoder bug must not stop the build either
         return _failed(f"cannot decode: {type(e).__name__}: {e}", digest)
-    taken = info.get("taken_at")
-    meta = FileMeta(
-        width=info.get("width"),
-        height=info.get("height"),
-        format=info.get("format"),
-        taken_at=taken.isoformat() if hasattr(taken, "isoformat") else taken,
-        camera_make=info.get("camera_make"),
-        camera_model=info.get("camera_model"),
-    )
-    return Loaded(tensor.numpy(), digest, meta, None)
+    return Loaded(tensor.numpy(), digest, _meta(info), None)
 
 
 # -- worker side -------------------------------------------------------------------------------------
 def _worker_init() -> None:
     _procs.worker_init()  # ignore Ctrl-C (the builder handles it); exit when the builder dies
+    media.enable_hard_deadline()  # a decode stuck in C code past its deadline kills this worker, not the build
     try:
         import torch
 

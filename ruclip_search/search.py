@@ -52,6 +52,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 log = logging.getLogger(__name__)
 
 EXACT_FALLBACK_MAX = 200_000  # filtered ANN search that misses hits is redone exactly below this many ids
+VIDEO_OVERFETCH = 4  # with videos, a search asks for this many times the hits (frames collapse to their video)
 TEXT_CACHE_SIZE = defaults.TEXT_CACHE_SIZE  # text query embeddings kept per loaded model
 TOMBSTONE_SELECTOR_MIN = 256  # above this many tombstones the FAISS search excludes them by an id selector
 ADD_FIELDS = frozenset({"key", "image", "embedding", "collection", "labels", "taken_at"})
@@ -75,6 +76,11 @@ class Hit:
     key: str | None = None  # the application's id of a photo added by key (None for folder-built ones)
     collection: str | None = None
     labels: tuple[str, ...] = ()
+    media: str = "photo"  # "photo" (RAW pairs and Live Photos too) or "video"
+    t: float | None = None  # a video hit: the time (s) of the frame that matched best (its thumbnail's frame)
+    duration: float | None = None  # a video's length (s)
+    raw_path: str | None = None  # the RAW file of a RAW+JPEG pair
+    live_path: str | None = None  # the video of a Live Photo
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (taken_at as an ISO string)."""
@@ -89,6 +95,11 @@ class Hit:
             "key": self.key,
             "collection": self.collection,
             "labels": list(self.labels),
+            "media": self.media,
+            "t": self.t,
+            "duration": self.duration,
+            "raw_path": self.raw_path,
+            "live_path": self.live_path,
         }
 
 
@@ -101,9 +112,12 @@ def _parse_taken(value: str | None) -> datetime | None:
         return None
 
 
-def _hit(record: ImageRecord, score: float) -> Hit:
+def _hit(record: ImageRecord, score: float, t: float | None = None) -> Hit:
+    video = record.media == "video"
     return Hit(record.id, record.path, float(score), record.width, record.height, _parse_taken(record.taken_at),
-               record.format, record.key, record.collection, tuple(record.labels))  # fmt: skip
+               record.format, record.key, record.collection, tuple(record.labels), "video" if video else "photo",
+               (t if t is not None else record.t) if video else None, record.duration, record.raw_path,
+               record.live_path)  # fmt: skip
 
 
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -187,7 +201,7 @@ def find_duplicates(store: Store, threshold: float = defaults.DUPLICATE_THRESHOL
     """Near-duplicate groups from the stored embeddings alone (no model): range search + union-find."""
     if not -1.0 <= threshold <= 1.0:
         raise QueryError(f"The threshold is a cosine similarity between -1 and 1, got {threshold}.")
-    ids, vecs = store.all_embeddings()
+    ids, vecs = store.all_embeddings(frames=False)  # a video by its own (first) frame
     if len(ids) < 2:
         return []
     vecs = _normalise(vecs)  # float16 storage leaves norms ~1e-3 off 1: exact copies must score 1.0
@@ -843,6 +857,29 @@ class Index:
             return []
         segment = state.segment
         assert segment is not None
+        pool = len(allowed) if allowed is not None else state.count + len(segment.ids) - len(exclude)
+        if not self.store.has_videos():
+            pairs = self._ranked(state, query, want, allowed, exclude)[int(offset) : want]
+            triples = [(i, s, None) for i, s in pairs]
+        else:  # frames are rows of their own: over-fetch, keep each video's best frame (and its time)
+            fetch = want * VIDEO_OVERFETCH
+            while True:
+                pairs = self._ranked(state, query, fetch, allowed, exclude)
+                triples = self._collapse(pairs, exclude)
+                if len(triples) >= want or len(pairs) < fetch or fetch >= pool:
+                    break
+                fetch *= VIDEO_OVERFETCH
+            triples = triples[int(offset) : want]
+        if filters.min_score is not None:
+            triples = [p for p in triples if p[1] >= filters.min_score]
+        records = self.store.get_images([i for i, _, _ in triples])
+        return [_hit(records[i], s, t) for i, s, t in triples if i in records]
+
+    def _ranked(self, state: _State, query: np.ndarray, want: int, allowed: np.ndarray | None,
+                exclude: set[int]) -> list[tuple[int, float]]:  # fmt: skip
+        """Top-`want` (id, score) rows: the FAISS file and the recent segment merged (frames are rows too)."""
+        segment = state.segment
+        assert segment is not None
         pairs = self._search_main(state.faiss, segment.tombs, query, want, allowed, exclude,
                                   fetch=self.store.embeddings_or_nan)  # fmt: skip
         if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)
@@ -850,11 +887,24 @@ class Index:
         pool = len(allowed) if allowed is not None else state.count - len(exclude)
         if len(pairs) < min(want, pool) and allowed is not None and len(allowed) <= EXACT_FALLBACK_MAX:
             pairs = self._exact(query, allowed, want)  # ANN probing missed some: be exact on the subset
-        pairs = pairs[int(offset) : want]
-        if filters.min_score is not None:
-            pairs = [(i, s) for i, s in pairs if s >= filters.min_score]
+        return pairs[:want]
+
+    def _collapse(self, pairs: list[tuple[int, float]], exclude: set[int]) -> list[tuple[int, float, float | None]]:
+        """Ranked rows -> ranked (photo or video id, score, t): a frame stands for its video, whose first (best)
+        frame in the ranking gives its score and `t`; a video whose id is in `exclude` is left out."""
         records = self.store.get_images([i for i, _ in pairs])
-        return [_hit(records[i], s) for i, s in pairs if i in records]
+        out: list[tuple[int, float, float | None]] = []
+        seen: set[int] = set()
+        for i, score in pairs:
+            record = records.get(i)
+            if record is None:
+                continue
+            owner = record.parent_id if record.parent_id is not None else i
+            if owner in seen or owner in exclude:
+                continue
+            seen.add(owner)
+            out.append((owner, score, record.t))
+        return out
 
     @staticmethod
     def _search_main(
@@ -1190,7 +1240,7 @@ class Index:
         labels = list(labels)
         text = label_embeddings(self._towers(self._live_state()).text, labels, templates)
         out: list[tuple[str, str, float]] = []
-        for ids, vecs in self.store.iter_embeddings():
+        for ids, vecs in self.store.iter_embeddings(frames=False):
             records = self.store.get_images(ids.tolist())
             for i, (label, score) in zip(ids.tolist(), _best_labels(vecs, text, labels), strict=True):
                 out.append((records[i].path, label, score))
@@ -1217,7 +1267,7 @@ class Index:
         return Path(record.path)
 
 
-_LOOSE_FILTERS = frozenset({"under", "date_from", "date_to", "formats", "min_score", "collections", "labels"})
+_LOOSE_FILTERS = frozenset({"under", "date_from", "date_to", "formats", "min_score", "collections", "labels", "media"})
 
 __all__ = [
     "DEFAULT_TEMPLATES", "Hit", "Index", "RuclipSearchError", "SearchFilters", "find_duplicates",

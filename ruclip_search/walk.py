@@ -1,4 +1,9 @@
-"""Find image files under photo folders: fast (os.scandir), hidden-file aware, loop-safe, bytes-safe names."""
+"""Find photos, RAW files and videos under photo folders: fast (os.scandir), hidden-file aware, loop-safe,
+bytes-safe names. Which files are media is `media.kind_of`'s call (extension, else the first bytes).
+
+A folder's files with the same stem are one item when they are a RAW+JPEG pair (IMG_1.CR2 + IMG_1.JPG) or a
+Live Photo (IMG_2.HEIC + IMG_2.MOV): the still is yielded, naming its RAW or video; those are not yielded.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,8 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from . import media
 from .errors import RuclipSearchError
-
-# Extensions taken without looking inside; files with no extension are sniffed by their first bytes.
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .heic .heif .hif .avif".split()
-)
-
-_MAGIC = (
-    b"\xff\xd8\xff",  # JPEG
-    b"\x89PNG\r\n\x1a\n",
-    b"GIF87a",
-    b"GIF89a",
-    b"BM",
-    b"II*\x00",
-    b"MM\x00*",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +25,8 @@ class FileEntry:
     relpath: str
     size: int
     mtime_ns: int
+    raw_name: str | None = None  # the RAW file beside this still (a RAW+JPEG pair)
+    live_name: str | None = None  # the video beside this still (a Live Photo)
 
     @property
     def path(self) -> str:
@@ -43,20 +36,6 @@ class FileEntry:
 def display_path(path: str | os.PathLike[str]) -> str:
     """A path as printable text: non-UTF-8 name bytes (kept as surrogates in str paths) become U+FFFD."""
     return os.fsencode(path).decode("utf-8", "replace")
-
-
-def looks_like_image(path: str) -> bool:
-    """Sniff the first bytes of a file with no extension (JPEG, PNG, GIF, BMP, TIFF, WebP, HEIF/AVIF)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return False
-    if head.startswith(_MAGIC):
-        return True
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return True
-    return head[4:8] == b"ftyp"
 
 
 def _excluded(relpath: str, name: str, patterns: tuple[str, ...]) -> bool:
@@ -114,17 +93,33 @@ def walk_paths(
             continue  # walk does not enter a linked folder unless told to
         try:
             st = os.stat(path) if follow_symlinks else os.lstat(path)
-        except OSError:
-            continue  # gone (deleted or moved away)
+        except OSError:  # gone (deleted or moved away); if it was a pair's RAW or video, its still is alone now
+            still = _still_beside(os.path.dirname(path), parts[-1])
+            if still is not None:
+                owner, raw_name, live_name = _pair_in_folder(os.path.dirname(path), still, media.PHOTO)
+                rel = os.path.join(os.path.dirname(rel), owner) if os.path.dirname(rel) else owner
+                try:
+                    st = os.stat(os.path.join(root, rel))
+                except OSError:
+                    continue
+                yield FileEntry(root, rel, st.st_size, st.st_mtime_ns, raw_name, live_name)
+            continue
         if stat.S_ISDIR(st.st_mode):
             folders.append(rel)
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
-        ext = os.path.splitext(parts[-1])[1].lower()
-        if ext not in IMAGE_EXTENSIONS and not (ext == "" and looks_like_image(path)):
+        kind = media.kind_of(path)
+        if kind is None:
             continue
-        yield FileEntry(root, rel, st.st_size, st.st_mtime_ns)
+        owner, raw_name, live_name = _pair_in_folder(os.path.dirname(path), parts[-1], kind)
+        if owner != parts[-1]:  # the RAW or video of a pair: the still stands for both
+            rel = os.path.join(os.path.dirname(rel), owner) if os.path.dirname(rel) else owner
+            try:
+                st = os.stat(os.path.join(root, rel))
+            except OSError:
+                continue
+        yield FileEntry(root, rel, st.st_size, st.st_mtime_ns, raw_name, live_name)
     if folders:
         yield from _walk_tree(root, folders, patterns, follow_symlinks)
 
@@ -148,6 +143,7 @@ def _walk_tree(root: str, starts: list[str], patterns: tuple[str, ...], follow_s
         except OSError:
             continue  # unreadable or vanished folder: nothing to index there
         subdirs: list[str] = []
+        files: list[tuple[str, str, str, os.stat_result]] = []  # (name, rel, kind, stat)
         for entry in entries:
             name = entry.name
             if name.startswith("."):
@@ -168,11 +164,83 @@ def _walk_tree(root: str, starts: list[str], patterns: tuple[str, ...], follow_s
                     continue
                 if not entry.is_file(follow_symlinks=follow_symlinks):
                     continue
-                ext = os.path.splitext(name)[1].lower()
-                if ext not in IMAGE_EXTENSIONS and not (ext == "" and looks_like_image(entry.path)):
-                    continue
+                kind = media.kind_of(entry.path)
+                if kind is None:
+                    continue  # not media (text, archives...): skipped, not an error
                 fst = entry.stat(follow_symlinks=follow_symlinks)
             except OSError:
                 continue  # vanished or broken link between listing and stat
-            yield FileEntry(root, rel, fst.st_size, fst.st_mtime_ns)
+            files.append((name, rel, kind, fst))
+        for _name, rel, raw_name, live_name, fst in _paired(files):
+            yield FileEntry(root, rel, fst.st_size, fst.st_mtime_ns, raw_name, live_name)
         stack.extend(reversed(subdirs))
+
+
+def _stem(name: str) -> str:
+    return os.path.splitext(name)[0].casefold()
+
+
+def _pairs(names: list[tuple[str, str]]) -> dict[str, tuple[str | None, str | None]]:
+    """For one folder's media files [(name, kind)]: still name -> (RAW name, Live Photo video name) of every
+    still that has either (same stem, case-insensitive)."""
+    by_stem: dict[str, list[tuple[str, str]]] = {}
+    for name, kind in names:
+        by_stem.setdefault(_stem(name), []).append((name, kind))
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for group in by_stem.values():
+        if len(group) < 2:
+            continue
+        stills = [n for n, k in group if k == media.PHOTO and os.path.splitext(n)[1].lower() in media.STILL_EXTENSIONS]
+        if not stills:
+            continue
+        order = {ext: i for i, ext in enumerate(media.STILL_EXTENSIONS)}
+        still = min(stills, key=lambda n: (order[os.path.splitext(n)[1].lower()], n))
+        raw = next((n for n, k in sorted(group) if k == media.RAW), None)
+        live = next(
+            (
+                n
+                for n, k in sorted(group)
+                if k == media.VIDEO and os.path.splitext(n)[1].lower() in media.LIVE_EXTENSIONS
+            ),
+            None,
+        )
+        if raw or live:
+            out[still] = (raw, live)
+    return out
+
+
+def _paired(files: list[tuple[str, str, str, os.stat_result]]) -> Iterator[tuple[str, str, str | None, str | None,
+                                                                                os.stat_result]]:  # fmt: skip
+    """A folder's files as yielded: the RAW and video halves of pairs dropped, their stills naming them."""
+    pairs = _pairs([(name, kind) for name, _, kind, _ in files])
+    companions = {n for raw, live in pairs.values() for n in (raw, live) if n}
+    for name, rel, _, fst in files:
+        if name in companions:
+            continue
+        raw, live = pairs.get(name, (None, None))
+        yield name, rel, raw, live, fst
+
+
+def _still_beside(folder: str, name: str) -> str | None:
+    """The still (JPEG, HEIC...) with the same stem as `name` in `folder`, if any."""
+    stem = _stem(name)
+    try:
+        names = sorted(n for n in os.listdir(folder) if _stem(n) == stem and n != name and not n.startswith("."))
+    except OSError:
+        return None
+    return next((n for n in names if os.path.splitext(n)[1].lower() in media.STILL_EXTENSIONS), None)
+
+
+def _pair_in_folder(folder: str, name: str, kind: str) -> tuple[str, str | None, str | None]:
+    """(the name standing for `name`: itself or its pair's still, RAW name, video name) from `name`'s folder."""
+    stem = _stem(name)
+    try:
+        siblings = [n for n in os.listdir(folder) if _stem(n) == stem and not n.startswith(".")]
+    except OSError:
+        return name, None, None
+    kinds = [(n, kind if n == name else media.kind_of(os.path.join(folder, n), sniff_unknown=False)) for n in siblings]
+    pairs = _pairs([(n, k) for n, k in kinds if k is not None])
+    for still, (raw, live) in pairs.items():
+        if name in (still, raw, live):
+            return still, raw, live
+    return name, None, None

@@ -37,7 +37,7 @@ from . import defaults
 from .errors import IndexLockedError, IndexNotFoundError, ModelMismatchError, RuclipSearchError
 from .indexer import BuildReport, Progress, build, default_batch_size, sync_paths
 from .loader import _Decoder
-from .walk import IMAGE_EXTENSIONS
+from .media import known_extension
 
 _TICK = 0.05  # how often pending paths are stat'ed while they settle (seconds)
 
@@ -239,7 +239,7 @@ class Watcher:
             self._cond.notify_all()
 
     def _wanted(self, path: str, is_directory: bool) -> bool:
-        """Cheap pre-filter: not the index's own files, no hidden names, image extensions (or none) only."""
+        """Cheap pre-filter: not the index's own files, no hidden names, media extensions (or none) only."""
         if path.startswith(self._index_prefix) or path == self._index_prefix[:-1]:
             return False
         root = next((r for r in self.roots if path == r or path.startswith(r.rstrip(os.sep) + os.sep)), None)
@@ -249,7 +249,7 @@ class Watcher:
         if any(part.startswith(".") for part in rel.split(os.sep) if rel):
             return False
         ext = os.path.splitext(path)[1].lower()
-        return is_directory or ext == "" or ext in IMAGE_EXTENSIONS
+        return is_directory or ext == "" or known_extension(ext)
 
     # -- batches -------------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -100,7 +100,7 @@ def test_bad_inputs_are_recorded_not_fatal(tmp_path: Path, photos: Path, monkeyp
     assert "0 bytes" in reasons["zero.jpg"]
     assert set(reasons) == {"truncated.jpg", "zero.jpg", "text.jpg", "bomb.png", "crash.jpg", "vanish.jpg"}
     with Store.open(index) as store:
-        assert store.counts() == {"images": 12, "errors": 6}
+        assert store.counts() == {"images": 12, "errors": 6, "videos": 0, "raw_pairs": 0, "live_photos": 0}
     monkeypatch.setattr(indexer, "walk", real_walk)
     monkeypatch.setattr(indexer, "_Decoder", _Decoder)
 

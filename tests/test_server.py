@@ -99,7 +99,7 @@ def test_search_ranks_its_class_first(client, query):
     assert scores == sorted(scores, reverse=True)
     hit = body["hits"][0]
     assert set(hit) == {"id", "path", "score", "width", "height", "taken_at", "format", "thumbnail_url", "file_url",
-                        "key", "collection", "labels"}  # fmt: skip
+                        "key", "collection", "labels", "media", "t", "duration", "raw_path", "live_path"}  # fmt: skip
     assert (hit["key"], hit["collection"], hit["labels"]) == (None, None, [])  # a built photo, not an app's
     assert Path(hit["path"]).is_absolute() and hit["width"] == 64
     assert hit["thumbnail_url"] == f"/images/{hit['id']}/thumbnail"

@@ -44,7 +44,7 @@ def test_read_api_round_trip(tmp_path: Path, db: str | None) -> None:
     reader = Store.open(tmp_path / "idx", db=db)
     assert reader.data_version() == 1
     assert reader.model_name == "m" and reader.dim == 4
-    assert reader.counts() == {"images": 1, "errors": 1}
+    assert reader.counts() == {"images": 1, "errors": 1, "videos": 0, "raw_pairs": 0, "live_photos": 0}
     images = reader.get_images([good, bad, 999])
     assert set(images) == {good, bad} and images[good].path == "/r/x\udcff.jpg"
     np.testing.assert_allclose(reader.get_embeddings([good]), vec[None])

@@ -25,7 +25,7 @@ def test_walk_filters_and_names(tmp_path: Path) -> None:
     _touch(tmp_path / "Кириллица с пробелом.png")
     _touch(tmp_path / ".hidden.jpg")
     _touch(tmp_path / ".cache" / "x.jpg")
-    _touch(tmp_path / "notes.txt")
+    _touch(tmp_path / "notes.txt", b"shopping list")  # text: skipped by its content, whatever its name
     _touch(tmp_path / "noext", b"\x89PNG\r\n\x1a\n....")
     _touch(tmp_path / "noext-text", b"hello")
     _touch(tmp_path / "raw" / "b.webp")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import unquote
 
 from fastapi import Depends, Query, Request
@@ -118,14 +118,19 @@ Labels = Annotated[
 ]
 
 
+Media = Annotated[
+    Literal["photo", "video"] | None, Query(description="Only photos (RAW pairs, Live Photos too) or only videos.")
+]
+
+
 async def search_filters(
     min_score: MinScore = None, under: Under = None, date_from: From = None, date_to: To = None,
-    formats: Formats = None, collections: Collections = None, labels: Labels = None,
+    formats: Formats = None, collections: Collections = None, labels: Labels = None, media: Media = None,
 ) -> SearchFilters:  # fmt: skip
     """The filter parameters as one SearchFilters (a bad value raises QueryError: 400 `bad_query`)."""
     return SearchFilters.parse(
         under=under, date_from=date_from, date_to=date_to, formats=formats or None, min_score=min_score,
-        collections=collections or None, labels=labels or None,
+        collections=collections or None, labels=labels or None, media=media,
     )  # fmt: skip
 
 

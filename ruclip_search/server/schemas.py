@@ -39,6 +39,14 @@ class HitOut(BaseModel):
     format: str | None = Field(None, description="PIL format name, e.g. JPEG, PNG, HEIF.")
     thumbnail_url: str | None = Field(None, description="Relative URL of a 256 px JPEG thumbnail; null without a file.")
     file_url: str | None = Field(None, description="Relative URL of the original file; null without a file.")
+    media: str = Field("photo", description="photo (RAW+JPEG pairs and Live Photos too) or video.")
+    t: float | None = Field(
+        None, description="A video: the time in seconds of the frame that matched best (open the video there); "
+        "its thumbnail_url shows that frame."
+    )  # fmt: skip
+    duration: float | None = Field(None, description="A video's length in seconds.")
+    raw_path: str | None = Field(None, description="The RAW file of a RAW+JPEG pair (the JPEG is what is indexed).")
+    live_path: str | None = Field(None, description="The video of a Live Photo (the still is what is indexed).")
 
 
 class PhotoIn(BaseModel):

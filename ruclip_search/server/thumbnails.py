@@ -39,23 +39,34 @@ class ThumbCache:
                 self.bytes -= len(dropped)
 
 
-def make_thumbnail(path: Path, size: int, max_pixels: int, pixels: int | None = None) -> bytes:
+def make_thumbnail(path: Path, size: int, max_pixels: int, pixels: int | None = None, t: float | None = None) -> bytes:
     """JPEG bytes of `path` fitted into size x size; undecodable files answer 404 `image_unreadable`.
+
+    `t`: `path` is a video; the thumbnail is its frame at `t` seconds. A camera RAW file gives its preview.
 
     `pixels` (width x height as indexed) above `max_pixels` answers that 404 without opening the file; the
     decoder checks the cap again on the file's own header. Call it under `ServerState.decoding`.
     """
     from PIL import Image
 
-    from .. import decode
+    from .. import decode, media
 
     name = display_path(path.name)
     if pixels is not None and pixels > max_pixels:
         raise ApiError(404, "image_unreadable", f"{name!r} has {pixels:,} pixels, more than the {max_pixels:,} this "
                        "server decodes for a thumbnail: open the original file instead.")  # fmt: skip
     try:
-        im = decode.open_image(path, max_pixels=max_pixels, draft_size=size)
-    except ImageError:
+        if t is not None:
+            from .. import video
+
+            im = video.frame_at(path, t, short_side=size)
+        elif media.kind_of(path, sniff_unknown=False) == media.RAW:
+            from ..raw import decode_raw
+
+            im = decode_raw(path.read_bytes(), min_side=size, max_pixels=max_pixels)[0]
+        else:
+            im = decode.open_image(path, max_pixels=max_pixels, draft_size=size)
+    except (ImageError, OSError):
         raise ApiError(404, "image_unreadable", f"{name!r} cannot be decoded any more.") from None
     im.thumbnail((size, size), Image.Resampling.LANCZOS if size <= 256 else Image.Resampling.BICUBIC)
     buf = io.BytesIO()

@@ -34,11 +34,23 @@ def thumbnail(
     s: ServedIndex,
     image_id: ImageId,
     size: Annotated[int, Query(ge=THUMB_MIN, le=THUMB_MAX, description="Longest side in pixels.")] = THUMB_SIZE,
+    t: Annotated[
+        float | None,
+        Query(
+            ge=0,
+            le=1e7,
+            description="A video: the frame at this time (s), e.g. a hit's t; default: the video's own frame.",
+        ),
+    ] = None,  # fmt: skip
 ) -> Response:
-    """A JPEG no larger than size x size (EXIF orientation applied), cached in memory."""
+    """A JPEG no larger than size x size (EXIF orientation applied; a video's frame at `t`), cached in memory."""
     hit = known_image(s, image_id)
     path, st = indexed_file(s, image_id)
-    key = (s.name, image_id, size, str(path), st.st_mtime_ns, st.st_size)
+    if hit.media == "video":
+        t = t if t is not None else (hit.t or 0.0)
+    else:
+        t = None
+    key = (s.name, image_id, size, str(path), st.st_mtime_ns, st.st_size, t)
     etag = '"' + hashlib.sha1(repr(key).encode("utf-8", "replace")).hexdigest()[:20] + '"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
     if request.headers.get("if-none-match") == etag:
@@ -47,7 +59,7 @@ def thumbnail(
     if data is None:
         pixels = hit.width * hit.height if hit.width and hit.height else None
         with state.decoding:  # bounded: a decode may hold a whole full-size image
-            data = make_thumbnail(path, size, state.thumb_max_pixels, pixels)
+            data = make_thumbnail(path, size, state.thumb_max_pixels, pixels, t=t)
         state.thumbs.put(key, data)
     return Response(data, media_type="image/jpeg", headers=headers)
 
