@@ -114,6 +114,26 @@ def index_type_option(default: str | None) -> Callable[[F], F]:
     )
 
 
+def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from .faiss_index import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def memory_budget_option(f: F) -> F:
+    return click.option(
+        "--memory-budget", callback=_size, default=None, metavar="SIZE",
+        help=f"RAM the FAISS index may take, e.g. 2G or 500M (default: the index's, else "
+        f"{defaults.MEMORY_BUDGET // 1024**3}G): `auto` keeps full vectors (IVF-Flat) while they fit, "
+        "compressed IVF-PQ codes re-ranked on the stored vectors beyond.",
+    )(f)  # fmt: skip
+
+
 def resolve_index(index: Path | None, db: str | None = None) -> Path:
     """The --index given, else the only index under ./indexes (for commands that read an index; with --db,
     the only folder there)."""
@@ -195,6 +215,7 @@ def main() -> None:
                    "use the old one until then; needed to switch models). Keeps the index's model unless "
                    "--model says otherwise; folders not named in this run are dropped from the index.")  # fmt: skip
 @index_type_option(None)
+@memory_budget_option
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[auto|local|ADDRESS]",
               help="Decode and encode on a Ray cluster (pip install 'ruclip-search[ray]'): bare --ray joins a "
                    "running cluster or starts one here; auto: a running one only; local: a new one on this "
@@ -216,6 +237,7 @@ def build(
     max_pixels: int | None,
     rebuild: bool,
     index_type: str | None,
+    memory_budget: int | None,
     ray_address: str | None,
     ray_actors: int | None,
     db: str | None,
@@ -240,7 +262,7 @@ def build(
         report = run_build(
             list(photos_dir), index=index, model=model, device=device, batch_size=batch_size, workers=workers,
             exclude=exclude, follow_symlinks=follow_symlinks, max_pixels=max_pixels,
-            rebuild=rebuild, index_type=index_type, progress=progress, db=db,
+            rebuild=rebuild, index_type=index_type, progress=progress, db=db, memory_budget=memory_budget,
             engine="ray" if ray_address is not None else "local", ray_address=ray_address or None,
             ray_actors=ray_actors,
         )  # fmt: skip
@@ -312,10 +334,13 @@ def info(index: Path | None, db: str | None, show_errors: bool, as_json: bool) -
 @main.command()
 @index_option()
 @index_type_option(defaults.INDEX_TYPE)
+@memory_budget_option
 @db_option
 @quiet_option
 @json_option
-def reindex(index: Path | None, index_type: str, db: str | None, quiet: bool, as_json: bool) -> None:
+def reindex(
+    index: Path | None, index_type: str, memory_budget: int | None, db: str | None, quiet: bool, as_json: bool
+) -> None:
     """Rebuild the FAISS index from the stored embeddings (no model run), e.g. to change its type.
 
     Examples:
@@ -326,7 +351,7 @@ def reindex(index: Path | None, index_type: str, db: str | None, quiet: bool, as
     """
     from .indexer import reindex as run_reindex
 
-    result = run_reindex(resolve_index(index, db), index_type, db=db)
+    result = run_reindex(resolve_index(index, db), index_type, db=db, memory_budget=memory_budget)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
     elif not quiet:
@@ -491,11 +516,13 @@ def create(index_dir: Path, model: str, device: str, db: str | None, as_json: bo
 
 @main.command()
 @index_option()
+@memory_budget_option
 @db_option
 @quiet_option
 @json_option
-def compact(index: Path | None, db: str | None, quiet: bool, as_json: bool) -> None:
-    """Rewrite the FAISS file from the stored embeddings so it covers every write (searches go on meanwhile).
+def compact(index: Path | None, memory_budget: int | None, db: str | None, quiet: bool, as_json: bool) -> None:
+    """Fold every write into the FAISS file (searches go on meanwhile): added to the trained index, which is
+    rebuilt only once the collection has outgrown its training.
 
     Writable indexes compact by themselves past a size; run this after many writes, e.g. nightly.
 
@@ -508,7 +535,7 @@ def compact(index: Path | None, db: str | None, quiet: bool, as_json: bool) -> N
     from .search import Index
 
     with Index.open(resolve_index(index, db), writable=True, db=db) as idx:
-        result = idx.compact()
+        result = idx.compact(memory_budget=memory_budget)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False, default=str))
     elif not quiet:

@@ -40,6 +40,11 @@ MINUS_WEIGHT = 0.5
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 INDEX_TYPE = "auto"
 
+#: Memory an index's vectors may take in RAM when `auto` picks its type (`--memory-budget`): IVF-Flat (every
+#: vector as float32) while it fits, up to a few million vectors; IVF-PQ codes (48 bytes for 768-d, re-ranked on
+#: the stored float16 vectors) beyond. 4 GiB: IVF-Flat to ~1.3M 768-d vectors; 10M as IVF-PQ take ~0.6 GB.
+MEMORY_BUDGET = 4 * 1024**3
+
 #: Text query embeddings kept per open index (paging and repeated queries skip the encoder).
 TEXT_CACHE_SIZE = 512
 

@@ -1,34 +1,111 @@
 """FAISS indexes over L2-normalised embeddings (inner product = cosine), whose ids are the database's image ids.
 
-`build_faiss` picks and tunes the index type, `save_atomic` / `load` move it to and from disk safely, and
-`search` runs queries with an optional id filter.
+`build` streams vectors from a `VectorSource` (the store's snapshot, or arrays): it trains on a random
+sample, adds in chunks and tunes the search parameters until recall@10 against exact search reaches the bar
+on *text-like* queries, so no more than one chunk of vectors is ever in memory besides the index itself.
+`update` folds changes into a trained index without retraining. `save_atomic` / `load` move an index to and
+from disk safely, and `search` runs queries with an optional id filter and IVF-PQ re-ranking.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
 
+from . import defaults
+
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_BELOW = 50_000  # `auto` uses exact search below this many vectors
-RECALL_SAMPLE = 1000  # queries used to measure recall@10
+IVF_MAX = 3_000_000  # `auto` uses IVF-Flat up to this many vectors (when they fit the memory budget)
+RECALL_SAMPLE = 500  # text-like queries used to measure recall@10 (200 above LARGE: re-ranking reads their rows)
+LARGE = 2_000_000
 MIN_RECALL = 0.95
+TUNE_MARGIN = 0.015  # tuning aims this far above the bar: other queries than the tuning sample's vary by ~0.01
 SINGLE_THREAD_BELOW = 8  # query batches up to this size search on one thread
 TRAIN_PER_LIST = 40  # k-means training vectors per IVF list
 MIN_ANN = 1000  # below this many vectors an IVF/IVF-PQ request builds an exact flat index instead
+RETRAIN_GROWTH = 4.0  # an IVF index is retrained once the collection has grown past this many times its training
+RERANK_STEPS = (20, 40, 80, 160, 320, 640, 1000)  # IVF-PQ candidates re-ranked on the stored vectors (tried)
+FETCH_COST = 500  # cost of re-ranking one candidate (a stored row read, ~10 us cached), in PQ codes scanned
+MAX_IVFPQ_LISTS = 2048  # adding 8.4M 768-d vectors to 2048 lists took 12 min on 2 cores (bench_scale.py): no more
+KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time for no recall once nprobe is tuned
 
 
-def _gpu_available() -> bool:
-    try:
-        return faiss.get_num_gpus() > 0
-    except AttributeError:  # CPU-only build
-        return False
+log = logging.getLogger(__name__)
+
+# IVF-PQ re-ranking depth per loaded index (FAISS objects take no new attributes; dropped with the index)
+_RERANK: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def rerank_depth(index: faiss.Index) -> int:
+    """How many IVF-PQ candidates `search` re-ranks on the stored vectors for `index` (0: none)."""
+    return _RERANK.get(index, 0)
+
+
+class VectorSource(Protocol):
+    """Where a build reads vectors: all of them in id-ordered chunks, a random sample, and some by id."""
+
+    count: int
+    dim: int
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...  # (ids int64, vectors float32) in id order
+
+    def sample(self, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def fetch(self, ids: np.ndarray) -> np.ndarray: ...  # float32 (len(ids), dim), NaN rows for unknown ids
+
+
+class ArraySource:
+    """A VectorSource over in-memory arrays (tests, benchmarks, small indexes)."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, chunk: int = 50_000) -> None:
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.count, self.dim = self.vectors.shape
+        self.chunk = chunk
+        self._rows: dict[int, int] | None = None
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for s in range(0, self.count, self.chunk):
+            yield self.ids[s : s + self.chunk], self.vectors[s : s + self.chunk]
+
+    def sample(self, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        if count >= self.count:
+            return self.ids, self.vectors
+        rows = np.sort(np.random.default_rng(seed).choice(self.count, size=count, replace=False))
+        return self.ids[rows], self.vectors[rows]
+
+    def fetch(self, ids: np.ndarray) -> np.ndarray:
+        if self._rows is None:
+            self._rows = {int(i): r for r, i in enumerate(self.ids)}
+        out = np.full((len(ids), self.dim), np.nan, dtype=np.float32)
+        for j, i in enumerate(ids):
+            r = self._rows.get(int(i))
+            if r is not None:
+                out[j] = self.vectors[r]
+        return out
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4G', '500M', '2.5GB', '1024' -> bytes (powers of 1024); ValueError for anything else."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a size: write e.g. 4G, 500M or 2.5GB")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
 
 
 def exact_knn(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -38,19 +115,67 @@ def exact_knn(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return flat.search(queries, k)[1]
 
 
-def recall_at_k(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, k: int = 10, seed: int = 0) -> float:
-    """Mean recall@k of `index` against exact search, with a sample of the collection's own vectors as queries."""
+class _TopK:
+    """Running exact top-k ids of fixed queries over streamed chunks (the ground truth a build tunes against)."""
+
+    def __init__(self, queries: np.ndarray, k: int) -> None:
+        self.q, self.k = queries, k
+        self.scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+        self.ids = np.zeros((len(queries), 0), dtype=np.int64)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0 or len(self.q) == 0:
+            return
+        scores, rows = faiss.knn(self.q, vectors, min(self.k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
+        scores = np.hstack([self.scores, scores])
+        found = np.hstack([self.ids, ids[rows]])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.k]
+        self.scores, self.ids = np.take_along_axis(scores, order, 1), np.take_along_axis(found, order, 1)
+
+
+def text_like_queries(topics: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Queries that sit where text queries do: near a topic direction (an IVF centroid) but far from every
+    image vector (weight 0.25-0.5 on the topic plus isotropic noise of norm 1: best cosine about 0.2-0.4), so
+    tuning meets the bar for real queries, not only for copies of indexed vectors (which are much easier)."""
+    rng = np.random.default_rng(seed)
+    dim = topics.shape[1]
+    unit = topics / np.maximum(np.linalg.norm(topics, axis=1, keepdims=True), 1e-12)
+    weight = rng.uniform(0.25, 0.5, size=(n, 1))
+    q = unit[rng.integers(len(unit), size=n)] * weight + rng.normal(scale=1.0 / math.sqrt(dim), size=(n, dim))
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _topics(sample: np.ndarray, index: faiss.Index | None, seed: int) -> np.ndarray:
+    """Topic directions for text-like queries: the IVF centroids, else k-means centroids of the sample."""
+    ivf = _ivf_of(index) if index is not None else None
+    if ivf is not None and ivf.nlist > 1:
+        return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    k = max(1, min(64, len(sample) // 39))
+    if k == 1:
+        return sample.mean(axis=0, keepdims=True)
+    km = faiss.Kmeans(sample.shape[1], k, niter=10, seed=seed, spherical=True)
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return km.centroids
+
+
+def recall_at_k(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, k: int = 10, seed: int = 0,
+                fetch: Callable[[np.ndarray], np.ndarray] | None = None) -> float:  # fmt: skip
+    """Mean recall@k of `index` against exact search over (vectors, ids), with text-like queries (`seed`)."""
     n = len(vectors)
     if n == 0:
         return 1.0
     k = min(k, n)
-    rng = np.random.default_rng(seed)
-    sample = rng.choice(n, size=min(RECALL_SAMPLE, n), replace=False)
-    queries = vectors[sample]
+    topics = _topics(vectors[np.random.default_rng(seed).choice(n, size=min(n, 20_000), replace=False)], index, seed)
+    queries = text_like_queries(topics, RECALL_SAMPLE, seed)
     truth = ids[exact_knn(vectors, queries, k)]
-    _, found = index.search(queries, k)
-    hits = sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True))
-    return hits / (len(sample) * k)
+    found = search(index, queries, k, fetch=fetch)[1]
+    return _recall(found, truth)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    hits = sum(len(set(t.tolist()) & set(f[:k].tolist())) for t, f in zip(truth, found, strict=True))
+    return hits / max(1, len(truth) * k)
 
 
 def _ivf_of(index: faiss.Index) -> Any:
@@ -65,56 +190,165 @@ def _hnsw_of(index: faiss.Index) -> Any:
     return inner if hasattr(inner, "hnsw") else None
 
 
-def _train_add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
-    """Train and add, on the GPU when the GPU build of FAISS sees one (then copied back to the CPU)."""
-    if _gpu_available() and _ivf_of(index) is not None:
-        res = faiss.StandardGpuResources()
-        gpu = faiss.index_cpu_to_gpu(res, 0, index)
-        gpu.train(vectors)
-        gpu.add_with_ids(vectors, ids)
-        return faiss.index_gpu_to_cpu(gpu)
-    if not index.is_trained:
-        index.train(_training_sample(index, vectors))
-    index.add_with_ids(vectors, ids)
+def _pq_of(index: faiss.Index) -> Any:
+    """The IndexIVFPQ inside `index`, or None."""
+    ivf = _ivf_of(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    return ivf if isinstance(ivf, faiss.IndexIVFPQ) else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `build` makes: the type and its sizes (nlist for IVF, m sub-quantizers for IVF-PQ)."""
+
+    kind: str
+    nlist: int = 0
+    m: int = 0
+
+    def memory(self, n: int, dim: int) -> int:
+        """Bytes the index holds in memory for `n` vectors."""
+        if self.kind == "ivfpq":
+            return n * (self.m + 8) + self.nlist * dim * 4
+        if self.kind == "hnsw":
+            return n * (dim * 4 + 32 * 2 * 4 + 8)
+        return n * (dim * 4 + 8) + self.nlist * dim * 4
+
+
+def _pq_m(dim: int, n: int, budget: int) -> int:
+    """Sub-quantizers for IVF-PQ: about 16 dimensions each (48 bytes for 768-d; re-ranking on the stored vectors
+    recovers the precision), fewer when the codes would not fit the budget."""
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    m = max([d for d in divisors if d <= max(1, dim // 16)] or [1])
+    while n * (m + 8) > budget and m > 1:
+        m = max(d for d in divisors if d < m)
+    return m
+
+
+def plan(n: int, dim: int, kind: str = "auto", *, memory_budget: int | None = None, flat_below: int | None = None,
+         min_ann: int | None = None) -> Plan:  # fmt: skip
+    """The index `build` makes for `n` vectors of `dim`: `auto` is exact below FLAT_BELOW, IVF-Flat up to IVF_MAX
+    while the vectors fit `memory_budget` (default defaults.MEMORY_BUDGET), IVF-PQ beyond."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index type {kind!r}: use one of {', '.join(INDEX_KINDS)}")
+    budget = defaults.MEMORY_BUDGET if memory_budget is None else memory_budget
+    if kind == "auto":
+        kind = choose_kind(n, flat_below, dim=dim, memory_budget=budget)
+    if kind in ("ivf", "ivfpq") and n < (MIN_ANN if min_ann is None else min_ann):
+        kind = "flat"  # too few vectors to train centroids: exact search is better and instant
+    if kind == "ivf":
+        return Plan("ivf", nlist=max(1, min(int(4 * math.sqrt(n)), n // 39)))
+    if kind == "ivfpq":
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39, MAX_IVFPQ_LISTS))
+        return Plan("ivfpq", nlist=nlist, m=_pq_m(dim, n, budget))
+    return Plan(kind)
+
+
+def choose_kind(n: int, flat_below: int | None = None, *, dim: int = 768, memory_budget: int | None = None) -> str:
+    """`auto`: exact flat search for small collections, IVF-Flat (tuned for recall) up to a few million vectors
+    while they fit the memory budget, IVF-PQ with re-ranking beyond."""
+    if n < (FLAT_BELOW if flat_below is None else flat_below):
+        return "flat"
+    budget = defaults.MEMORY_BUDGET if memory_budget is None else memory_budget
+    if n <= IVF_MAX and Plan("ivf", nlist=int(4 * math.sqrt(n))).memory(n, dim) <= budget:
+        return "ivf"
+    return "ivfpq"
+
+
+def _empty_index(p: Plan, dim: int) -> faiss.Index:
+    metric = faiss.METRIC_INNER_PRODUCT
+    if p.kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if p.kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(dim, 32, metric)
+        hnsw.hnsw.efConstruction = 80
+        return faiss.IndexIDMap2(hnsw)
+    quantizer = faiss.IndexFlatIP(dim)
+    if p.kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, p.nlist, metric)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, p.nlist, p.m, 8, metric)
+    index.cp.niter = KMEANS_ITERATIONS
+    index.own_fields = True
+    quantizer.this.disown()
     return index
 
 
-def _training_sample(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
-    """At most TRAIN_PER_LIST vectors per IVF list (a fixed random sample): k-means on all of a large
-    collection costs minutes more and gives no better recall once nprobe is tuned."""
+def _train_size(p: Plan, n: int) -> int:
+    if p.kind == "ivf":
+        return TRAIN_PER_LIST * p.nlist
+    if p.kind == "ivfpq":
+        return max(TRAIN_PER_LIST * p.nlist, 256 * 39)  # PQ codebooks need ~39 vectors per code too
+    return 20_000  # flat / HNSW: only the text-like queries' topics come from the sample
+
+
+def _train(index: faiss.Index, sample: np.ndarray) -> None:
+    """Train the IVF centroids (and PQ codebooks), on the GPU when the GPU build of FAISS sees one."""
+    if index.is_trained:
+        return
+    try:
+        gpu = faiss.get_num_gpus() > 0
+    except AttributeError:  # CPU-only build
+        gpu = False
     ivf = _ivf_of(index)
-    limit = TRAIN_PER_LIST * int(ivf.nlist) if ivf is not None else len(vectors)
-    if len(vectors) <= limit:
-        return vectors
-    rows = np.sort(np.random.default_rng(0).choice(len(vectors), size=limit, replace=False))
-    return vectors[rows]
+    if gpu and ivf is not None:
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(index.d))
+    index.train(sample)
 
 
-def _tune(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, target: float) -> tuple[float, dict]:
-    """Raise nprobe (IVF) or efSearch (HNSW) until recall@10 reaches `target`; returns (recall, params)."""
-    ivf, hnsw = _ivf_of(index), _hnsw_of(index)
-    if ivf is not None:
-        nprobe = 1
-        while True:
-            ivf.nprobe = nprobe
-            recall = recall_at_k(index, vectors, ids)
-            if recall >= target or nprobe >= ivf.nlist:
-                return recall, {"nprobe": nprobe, "nlist": int(ivf.nlist)}
-            nprobe = min(nprobe * 2, ivf.nlist)
-    if hnsw is not None:
-        ef = 16
-        while True:
-            hnsw.hnsw.efSearch = ef
-            recall = recall_at_k(index, vectors, ids)
-            if recall >= target or ef >= 4096:
-                return recall, {"efSearch": ef}
-            ef *= 2
-    return recall_at_k(index, vectors, ids), {}
+def build(
+    source: VectorSource,
+    kind: str = "auto",
+    *,
+    min_recall: float = MIN_RECALL,
+    memory_budget: int | None = None,
+    flat_below: int | None = None,
+    min_ann: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """Build an index over everything `source` holds; returns it and its info {type, n, dim, recall_at_10,
+    params, trained_n}.
 
-
-def choose_kind(n: int, flat_below: int | None = None) -> str:
-    """`auto`: exact flat search for small collections, IVF (tuned for recall) for large ones."""
-    return "flat" if n < (FLAT_BELOW if flat_below is None else flat_below) else "ivf"
+    Streams: a random sample (TRAIN_PER_LIST per IVF list) trains it, then the vectors are added one chunk at
+    a time while the exact top-10 of RECALL_SAMPLE text-like queries is gathered from the same chunks; ANN
+    types are then tuned until their recall@10 on those queries reaches `min_recall` + TUNE_MARGIN (or cannot
+    go higher).
+    """
+    n, dim = int(source.count), int(source.dim)
+    p = plan(n, dim, kind, memory_budget=memory_budget, flat_below=flat_below, min_ann=min_ann)
+    log.info("building %s over %d vectors of %d dimensions", p, n, dim)
+    t0 = time.perf_counter()
+    index = _empty_index(p, dim)
+    sample = np.zeros((0, dim), np.float32)
+    if p.kind != "flat" and n:
+        sample = np.ascontiguousarray(source.sample(min(n, _train_size(p, n)), seed=0)[1], dtype=np.float32)
+        log.info("sampled %d vectors in %.1f s", len(sample), time.perf_counter() - t0)
+    if p.kind in ("ivf", "ivfpq") and n:
+        _train(index, sample)
+        log.info("trained in %.1f s", time.perf_counter() - t0)
+    truth = None
+    if p.kind != "flat" and n:
+        queries = text_like_queries(_topics(sample, index, 0), RECALL_SAMPLE if n <= LARGE else RECALL_SAMPLE * 2 // 5)
+        truth = _TopK(queries, min(10, n))
+    del sample
+    added = 0
+    for ids, vectors in source.chunks():
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        index.add_with_ids(vectors, ids)
+        if truth is not None:
+            truth.add(ids, vectors)
+        added += len(ids)
+        if progress is not None:
+            progress(added, n)
+        if added % 1_000_000 < len(ids):
+            log.info("added %d in %.1f s", added, time.perf_counter() - t0)
+    recall, params = 1.0, {}
+    if truth is not None:
+        recall, params = _tune(index, truth.q, truth.ids, min(1.0, min_recall + TUNE_MARGIN), source.fetch)
+        log.info("tuned in %.1f s: recall@10 %.4f at %s", time.perf_counter() - t0, recall, params)
+    info = {"type": p.kind, "n": int(index.ntotal), "dim": dim, "recall_at_10": round(float(recall), 4),
+            "params": params, "trained_n": int(index.ntotal)}  # fmt: skip
+    return index, info
 
 
 def build_faiss(
@@ -125,55 +359,157 @@ def build_faiss(
     min_recall: float = MIN_RECALL,
     flat_below: int | None = None,
     min_ann: int | None = None,
+    memory_budget: int | None = None,
 ) -> tuple[faiss.Index, dict[str, Any]]:
-    """Build an index of `kind` over (vectors, ids); returns it and info {type, n, dim, recall_at_10, params}.
+    """`build` over in-memory arrays. `flat_below` / `min_ann` override FLAT_BELOW / MIN_ANN (tests build ANN
+    indexes from a few thousand vectors)."""
+    return build(ArraySource(vectors, ids), kind, min_recall=min_recall, memory_budget=memory_budget,
+                 flat_below=flat_below, min_ann=min_ann)  # fmt: skip
 
-    ANN types are tuned until recall@10 against exact search reaches `min_recall` (or cannot go higher).
-    `flat_below` / `min_ann` override FLAT_BELOW / MIN_ANN (tests build ANN indexes from a few thousand vectors).
-    """
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"unknown index type {kind!r}: use one of {', '.join(INDEX_KINDS)}")
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+
+def _tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, target: float,
+          fetch: Callable[[np.ndarray], np.ndarray] | None) -> tuple[float, dict]:  # fmt: skip
+    """Cheapest nprobe (IVF; and re-ranking depth, IVF-PQ) or efSearch (HNSW) whose recall@10 on the text-like
+    `queries` reaches `target`; returns (recall, params)."""
+    k = truth.shape[1]
+    ivf, hnsw = _ivf_of(index), _hnsw_of(index)
+    if _pq_of(index) is not None and fetch is not None:
+        return _tune_pq(index, _pq_of(index), queries, truth, target, fetch)
+    if ivf is not None:
+        nprobe, best = 1, None
+        while True:
+            ivf.nprobe = nprobe
+            recall = _recall(search(index, queries, k)[1], truth)
+            if recall >= target or nprobe >= ivf.nlist:
+                best = (recall, nprobe)
+                break
+            nprobe = min(nprobe * 2, ivf.nlist)
+        lo = nprobe // 2 + 1  # the doubling overshot: the smallest sufficient nprobe lies above nprobe / 2
+        if best[0] >= target:
+            while lo < best[1]:
+                mid = (lo + best[1]) // 2
+                ivf.nprobe = mid
+                recall = _recall(search(index, queries, k)[1], truth)
+                if recall >= target:
+                    best = (recall, mid)
+                else:
+                    lo = mid + 1
+        ivf.nprobe = best[1]
+        return best[0], {"nprobe": best[1], "nlist": int(ivf.nlist)}
+    if hnsw is not None:
+        ef = 16
+        while True:
+            hnsw.hnsw.efSearch = ef
+            recall = _recall(search(index, queries, k)[1], truth)
+            if recall >= target or ef >= 4096:
+                return recall, {"efSearch": ef}
+            ef *= 2
+    return _recall(search(index, queries, k)[1], truth), {}
+
+
+def _rerank(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of candidate `ids` (Q, R) by exact inner product with their `vectors` (Q, R, D); NaN rows (unknown
+    ids) and -1 ids drop out. Ties go to the smaller id, as in exact search."""
+    scores = np.einsum("qd,qrd->qr", queries, vectors)
+    scores = np.where(np.isnan(scores) | (ids < 0), -np.inf, scores).astype(np.float32)
+    order = np.lexsort((ids, -scores), axis=-1)[:, :k]
+    top_s, top_i = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    top_i = np.where(np.isfinite(top_s), top_i, -1)
+    top_s = np.where(np.isfinite(top_s), top_s, -np.inf).astype(np.float32)
+    return top_s, top_i
+
+
+def _fetch_rows(fetch: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, dim: int) -> np.ndarray:
+    """(Q, R, D) stored vectors of candidate ids (Q, R), each distinct id read once."""
+    flat = ids.reshape(-1)
+    uniq, inverse = np.unique(flat, return_inverse=True)
+    vecs = np.full((len(uniq), dim), np.nan, dtype=np.float32)
+    known = uniq >= 0
+    if known.any():
+        vecs[known] = fetch(uniq[known])
+    return vecs[inverse].reshape(ids.shape[0], ids.shape[1], dim)
+
+
+def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarray, target: float,
+             fetch: Callable[[np.ndarray], np.ndarray]) -> tuple[float, dict]:  # fmt: skip
+    """IVF-PQ: for nprobe = nlist/64, doubled, the recall of re-ranking the top R PQ candidates for each R in
+    RERANK_STEPS; the cheapest sufficient (nprobe, R) by scanned codes + FETCH_COST per re-ranked row.
+
+    Text-like queries never reach the bar at 1/64 of the lists, so the search starts there; stored vectors
+    are read once (cached across steps) and only as deep as the R being tried: at 10M they come from disk."""
+    k = truth.shape[1]
+    n, nlist = max(1, index.ntotal), int(ivf.nlist)
+    depth = min(RERANK_STEPS[-1], n)
+    cache: dict[int, np.ndarray] = {}
+
+    def rows(ids: np.ndarray) -> np.ndarray:  # (Q, R) candidate ids -> (Q, R, D) stored vectors
+        want = [i for i in np.unique(ids[ids >= 0]).tolist() if i not in cache]
+        if want:
+            got = fetch(np.array(want, dtype=np.int64)).astype(np.float16)
+            cache.update(zip(want, got, strict=True))
+        nan = np.full(index.d, np.nan, dtype=np.float16)
+        flat = np.stack([cache.get(i, nan) for i in ids.reshape(-1).tolist()])
+        return flat.astype(np.float32).reshape(ids.shape[0], ids.shape[1], index.d)
+
+    options: list[tuple[float, float, int, int]] = []  # (cost, recall, nprobe, R)
+    fallback = (0.0, 1, depth)
+    nprobe, after = max(1, nlist // 64), 0
+    while True:
+        ivf.nprobe = nprobe
+        cand = _search_plain(index, queries, depth)[1]
+        for r in [s for s in RERANK_STEPS if s < depth] + [depth]:
+            recall = _recall(_rerank(queries, cand[:, :r], rows(cand[:, :r]), k)[1], truth)
+            if recall > fallback[0]:
+                fallback = (recall, nprobe, r)
+            if recall >= target:
+                options.append((nprobe * n / nlist * ivf.pq.M / 48 + FETCH_COST * r, recall, nprobe, r))
+                break
+        log.info("nprobe %d: best recall@10 %.4f", nprobe, max(fallback[0], options[-1][1] if options else 0))
+        after += bool(options)
+        if after >= 2 or nprobe >= nlist:  # one more doubling after the first sufficient setting
+            break
+        nprobe = min(2 * nprobe, nlist)
+    if options:
+        _, recall, nprobe, r = min(options)
+    else:
+        recall, nprobe, r = fallback
+    ivf.nprobe = nprobe
+    _RERANK[index] = r
+    return recall, {"nprobe": nprobe, "nlist": nlist, "rerank": r}
+
+
+def update(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, gone: np.ndarray) -> faiss.Index:
+    """Fold changes into a built index without retraining: `gone` ids and the old vectors of `ids` removed,
+    the new `vectors` of `ids` added (IVF: into the lists of the trained centroids). HNSW cannot remove:
+    ValueError (rebuild it)."""
+    if _hnsw_of(index) is not None:
+        raise ValueError("an HNSW index cannot remove vectors: rebuild it")
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    n, dim = vectors.shape
-    chosen = choose_kind(n, flat_below) if kind == "auto" else kind
-    if chosen in ("ivf", "ivfpq") and n < (MIN_ANN if min_ann is None else min_ann):
-        chosen = "flat"  # too few vectors to train centroids: exact search is better and instant
-    metric = faiss.METRIC_INNER_PRODUCT
-    if chosen == "flat":
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    elif chosen == "hnsw":
-        hnsw = faiss.IndexHNSWFlat(dim, 32, metric)
-        hnsw.hnsw.efConstruction = 80
-        index = faiss.IndexIDMap2(hnsw)
-    else:
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-        quantizer = faiss.IndexFlatIP(dim)
-        if chosen == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
-        else:
-            # about 8 dimensions per sub-quantizer: 96 codes for 768-d, 64 for 512-d
-            m = next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
-            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, metric)
-        index.own_fields = True
-        quantizer.this.disown()
-    index = _train_add(index, vectors, ids) if n else index
-    if chosen == "flat":
-        recall, params = 1.0, {}
-    else:
-        recall, params = _tune(index, vectors, ids, min_recall)
-    info = {"type": chosen, "n": int(n), "dim": int(dim), "recall_at_10": round(float(recall), 4),
-            "params": params}  # fmt: skip
-    return index, info
+    drop = np.union1d(ids, np.asarray(gone, dtype=np.int64))
+    if len(drop):
+        index.remove_ids(faiss.IDSelectorBatch(len(drop), faiss.swig_ptr(drop)))
+    for s in range(0, len(ids), 50_000):
+        index.add_with_ids(np.ascontiguousarray(vectors[s : s + 50_000], dtype=np.float32), ids[s : s + 50_000])
+    return index
+
+
+def needs_retrain(info_type: str | None, trained_n: int, n: int) -> bool:
+    """Whether an index of `info_type` trained on `trained_n` vectors must be rebuilt to hold `n`: IVF lists
+    trained on a quarter of the collection or less have grown too long (RETRAIN_GROWTH)."""
+    if info_type not in ("ivf", "ivfpq"):
+        return False
+    return n > RETRAIN_GROWTH * max(trained_n, 1)
 
 
 def apply_params(index: faiss.Index, params: dict[str, Any]) -> None:
-    """Set the recorded search parameters (nprobe, efSearch) on a loaded index."""
+    """Set the recorded search parameters (nprobe, efSearch, IVF-PQ re-ranking depth) on a loaded index."""
     ivf, hnsw = _ivf_of(index), _hnsw_of(index)
     if ivf is not None and "nprobe" in params:
         ivf.nprobe = int(params["nprobe"])
     if hnsw is not None and "efSearch" in params:
         hnsw.hnsw.efSearch = int(params["efSearch"])
+    if "rerank" in params:
+        _RERANK[index] = int(params["rerank"])
 
 
 def save_atomic(index: faiss.Index, path: str | os.PathLike[str]) -> Path:
@@ -216,10 +552,10 @@ def load(path: str | os.PathLike[str], *, mmap: bool = True, params: dict[str, A
     return index
 
 
-def _search_params(index: faiss.Index, selector: Any) -> Any:
+def _search_params(index: faiss.Index, selector: Any, nprobe: int | None = None) -> Any:
     ivf, hnsw = _ivf_of(index), _hnsw_of(index)
     if ivf is not None:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(nprobe or ivf.nprobe))
     if hnsw is not None:
         return faiss.SearchParametersHNSW(sel=selector, efSearch=hnsw.hnsw.efSearch)
     return faiss.SearchParameters(sel=selector)
@@ -234,34 +570,72 @@ def excluding(ids: np.ndarray) -> Any:
     return selector
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, id_selector: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    id_selector: Any = None,
+    *,
+    fetch: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores float32 (Q,k), ids int64 (Q,k), -1 where fewer hits) for L2-normalised queries.
 
-    `id_selector` limits hits to some ids: a faiss.IDSelector or an array of allowed ids.
+    `id_selector` limits hits to some ids: a faiss.IDSelector or an array of allowed ids. `fetch` (ids ->
+    stored float32 vectors, NaN rows for unknown ids) re-ranks an IVF-PQ index's top `rerank` candidates by
+    their exact scores. An IVF search that finds fewer than k hits in its nprobe lists probes more lists
+    (up to all) for those queries, so a page is full whenever k vectors pass the filter.
     """
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, min(int(k), max(index.ntotal, 1)))
+    rerank = rerank_depth(index) if fetch is not None else 0
+    depth = max(k, min(rerank, index.ntotal))
     if len(queries) > SINGLE_THREAD_BELOW:
-        return _search(index, queries, k, id_selector)
-    # A few queries gain nothing from threads, and FAISS's OpenMP threads keep spinning after a parallel
-    # search, stealing a core from the text encoder of the next query (one query: 56 -> 70 ms on 2 cores).
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        return _search(index, queries, k, id_selector)
-    finally:
-        faiss.omp_set_num_threads(threads)
-
-
-def _search(index: faiss.Index, queries: np.ndarray, k: int, id_selector: Any) -> tuple[np.ndarray, np.ndarray]:
-    if id_selector is None:
-        return index.search(queries, k)
-    if not isinstance(id_selector, faiss.IDSelector):
-        allowed = np.ascontiguousarray(id_selector, dtype=np.int64)
-        id_selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
-        keep = allowed  # the selector holds a raw pointer: keep the array alive during the search
+        scores, ids = _search(index, queries, depth, id_selector, k)
     else:
-        keep = None
-    scores, ids = index.search(queries, k, params=_search_params(index, id_selector))
+        # A few queries gain nothing from threads, and FAISS's OpenMP threads keep spinning after a parallel
+        # search, stealing a core from the text encoder of the next query (one query: 56 -> 70 ms on 2 cores).
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            scores, ids = _search(index, queries, depth, id_selector, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
+    if rerank:
+        scores, ids = _rerank(queries, ids, _fetch_rows(fetch, ids, index.d), k)
+    return scores[:, :k], ids[:, :k]
+
+
+def _filtered_nprobe(nprobe: int, nlist: int, fraction: float) -> int:
+    """nprobe for a filter passing `fraction` of the vectors: its top k lie as deep as the top k / fraction of
+    all, so more lists are probed (by 1 / sqrt(fraction): text-like queries at 20 % keep recall@10 >= 0.95)."""
+    return min(nlist, math.ceil(nprobe / math.sqrt(min(1.0, max(fraction, 1e-9)))))
+
+
+def _search_plain(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates of an ANN search (no filter, no re-ranking), with the index's own parameters."""
+    return _search(index, queries, k, None, 1)
+
+
+def _search(index: faiss.Index, queries: np.ndarray, depth: int, id_selector: Any,
+            k: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    keep, nprobe = None, None
+    ivf = _ivf_of(index)
+    if id_selector is not None and not isinstance(id_selector, faiss.IDSelector):
+        keep = np.ascontiguousarray(id_selector, dtype=np.int64)  # the selector holds a raw pointer to it
+        id_selector = faiss.IDSelectorBatch(len(keep), faiss.swig_ptr(keep))
+        if ivf is not None and len(keep):
+            # the top k of a fraction f of the vectors lie as deep as the top k / f of all: probe more lists
+            nprobe = _filtered_nprobe(int(ivf.nprobe), int(ivf.nlist), len(keep) / max(index.ntotal, 1))
+    if id_selector is None and ivf is None:
+        return index.search(queries, depth)
+    scores, ids = index.search(queries, depth, params=_search_params(index, id_selector, nprobe))
+    if ivf is not None:  # lists too short or filtered out: probe 4x more lists for the queries that came up short
+        nprobe = int(nprobe or ivf.nprobe)
+        short = np.flatnonzero((ids[:, :k] < 0).any(axis=1))
+        while len(short) and nprobe < ivf.nlist:
+            nprobe = min(4 * nprobe, int(ivf.nlist))
+            more_s, more_i = index.search(queries[short], depth, params=_search_params(index, id_selector, nprobe))
+            scores[short], ids[short] = more_s, more_i
+            short = short[(more_i[:, :k] < 0).any(axis=1)]
     del keep
     return scores, ids

@@ -243,14 +243,33 @@ def _clean_stale_files(store: Store) -> None:
                 pass
 
 
-def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
-    """(Re)build the FAISS file from the stored embeddings and switch meta to it atomically."""
+def write_faiss(
+    store: Store, kind: str | None = None, *, memory_budget: int | None = None, rebuild: bool = False
+) -> dict[str, Any] | None:
+    """Bring the FAISS file up to date with the stored embeddings and switch meta to it atomically.
+
+    The changes since the file was written are folded into it (no retraining) while it is of the type `kind`
+    still picks and the collection has not outgrown what it was trained on (faiss_index.RETRAIN_GROWTH);
+    otherwise, or with `rebuild`, it is built anew, streamed from one snapshot of the store (train on a
+    sample, add in chunks). `memory_budget` (bytes) is remembered in meta for later writes.
+    Returns the file's info (`retrained`: whether it was built anew), None when no model is recorded yet.
+    """
     kind = kind or store.get_meta("index_kind") or defaults.INDEX_TYPE
-    data_version = store.data_version()
-    ids, vectors, seq = store.snapshot_embeddings()  # the file covers the changes up to `seq` (faiss_seq)
+    if memory_budget is not None:
+        store.set_meta(memory_budget=str(int(memory_budget)))
+    stored_budget = store.get_meta("memory_budget")
+    budget = int(stored_budget) if stored_budget else None
     if store.dim is None:
         return None
-    index, info = faiss_index.build_faiss(vectors, ids, kind)
+    data_version = store.data_version()
+    folded = None if rebuild else _fold_changes(store, kind, budget)
+    if folded is not None:
+        index, info, seq = folded
+    else:
+        with store.embedding_snapshot() as snapshot:  # the file covers the changes up to its seq (faiss_seq)
+            index, info = faiss_index.build(snapshot, kind, memory_budget=budget)
+            seq = snapshot.seq
+        info["retrained"] = True
     version = store.index_version() + 1
     name = f"faiss-{version}.index"
     old = store.get_meta("faiss_file")
@@ -262,6 +281,7 @@ def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
         faiss_file=name, index_version=str(version), index_type=info["type"], index_kind=kind,
         recall_at_10=str(info["recall_at_10"]), index_params=json.dumps(info["params"]),
         faiss_data_version=str(data_version), index_count=str(info["n"]), faiss_seq=str(seq),
+        index_trained_n=str(info["trained_n"]),
     )  # fmt: skip
     if old and old != name:
         try:
@@ -269,6 +289,39 @@ def write_faiss(store: Store, kind: str | None = None) -> dict[str, Any] | None:
         except OSError:
             pass
     return info
+
+
+def _fold_changes(store: Store, kind: str, budget: int | None) -> tuple[Any, dict[str, Any], int] | None:
+    """(index, info, seq) of the current FAISS file with the store's changes since its seq folded in, or None
+    when it must be built anew: none yet, HNSW, another type than `kind` now picks, grown past its training, or
+    not matching the store (a change log that does not cover every row)."""
+    meta = store.meta()
+    path = store.dir / meta["faiss_file"] if meta.get("faiss_file") else None
+    kind_now = meta.get("index_type")
+    if path is None or not path.exists() or kind_now not in ("flat", "ivf", "ivfpq") or not meta.get("dim"):
+        return None
+    dim = int(meta["dim"])
+    with store.embedding_snapshot() as snapshot:
+        n = snapshot.count  # every embedded row, videos' frames included (as the FAISS file holds them)
+    if faiss_index.plan(n, dim, kind, memory_budget=budget).kind != kind_now:
+        return None
+    trained_n = int(meta.get("index_trained_n") or meta.get("index_count") or 0)
+    if faiss_index.needs_retrain(kind_now, trained_n, n):
+        return None
+    ids, vectors, gone, seq = store.changed_embeddings(int(meta.get("faiss_seq") or 0))
+    params = json.loads(meta.get("index_params") or "{}")
+    try:
+        index = faiss_index.load(path, mmap=False, params=params)
+    except RuntimeError:
+        return None  # unreadable: build it anew
+    if index.d != dim:
+        return None
+    faiss_index.update(index, ids, vectors, gone)
+    if index.ntotal != n:  # rows the change log never recorded (an index older than the log): rebuild
+        return None
+    info = {"type": kind_now, "n": int(index.ntotal), "dim": dim, "recall_at_10": float(meta.get("recall_at_10") or 0),
+            "params": params, "trained_n": trained_n, "folded": int(len(ids) + len(gone)), "retrained": False}  # fmt: skip
+    return index, info, seq
 
 
 def build(
@@ -285,6 +338,7 @@ def build(
     index_type: str | None = None,
     progress: Progress | None = None,
     db: str | None = None,
+    memory_budget: int | None = None,
     engine: str = "local",
     ray_address: str | None = None,
     ray_actors: int | None = None,
@@ -295,6 +349,7 @@ def build(
     `db`: a PostgreSQL URL for the metadata (the `index` folder then holds the FAISS files); None: SQLite.
     `rebuild`: re-encode everything into a new index that replaces this one when complete (readers keep the
     old one until then); the new index holds only the `photos` folders of this run.
+    `memory_budget` (bytes): what `auto` may let the FAISS index take in RAM (remembered in the index).
     `engine="ray"`: decode and encode on a Ray cluster (`ray_address`: None joins a running one or starts a
     local one, "auto", "local" or an address; `ray_actors` encoder actors); see ray_engine.
     """
@@ -318,7 +373,8 @@ def build(
         workers = max(1, (os.cpu_count() or 2) - 1)
     report = BuildReport(index=str(index_dir))
     opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, index_type,
-                    progress, engine=engine, ray_address=ray_address, ray_actors=ray_actors)  # fmt: skip
+                    progress, memory_budget=memory_budget, engine=engine, ray_address=ray_address,
+                    ray_actors=ray_actors)  # fmt: skip
     with _writer(index_dir, db) as store:
         if rebuild:
             _rebuild(store, report, roots, opts)
@@ -429,6 +485,7 @@ class _Options:
     index_type: str | None
     progress: Progress | None
     decoder: _Decoder | None = None  # a started decoder kept across calls (the watcher's); else one per run
+    memory_budget: int | None = None  # bytes the FAISS index may take (remembered in meta)
     engine: str = "local"  # "local" (worker processes + this process's model) or "ray" (ray_engine)
     ray_address: str | None = None  # engine="ray": None (running cluster, else a new local one), auto, local, ADDRESS
     ray_actors: int | None = None  # engine="ray": encoder actors (default: one per GPU, else about half the CPUs)
@@ -472,6 +529,8 @@ def _run(
     index_type, progress = opts.index_type, opts.progress
     if index_type is not None:
         store.set_meta(index_kind=index_type)
+    if opts.memory_budget is not None:
+        store.set_meta(memory_budget=str(int(opts.memory_budget)))
 
     # 1. Walk and diff by (size, mtime_ns).
     root_ids = {root: store.root_id(root) for root in roots}
@@ -706,14 +765,18 @@ def _vanished(store: Store, conn: Any, digest: bytes, gone: dict[tuple[int, byte
     return None
 
 
-def reindex(index: str | os.PathLike[str], kind: str = defaults.INDEX_TYPE, db: str | None = None) -> dict[str, Any]:
-    """Rebuild the FAISS file of an index from its stored embeddings (no model run); returns its info."""
+def reindex(
+    index: str | os.PathLike[str], kind: str = defaults.INDEX_TYPE, db: str | None = None,
+    memory_budget: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Rebuild (and retrain) the FAISS file of an index from its stored embeddings, streamed (no model run);
+    returns its info. `memory_budget` (bytes): what `auto` may let the index take in RAM (remembered)."""
     if kind not in defaults.INDEX_TYPES:
         raise RuclipSearchError(f"Unknown index type {kind!r}: use one of {', '.join(defaults.INDEX_TYPES)}.")
     with IndexLock(index, db=db):  # raises IndexNotFoundError, creating nothing, when there is no index
         store = Store.open(index, readonly=False, db=db)
         try:
-            info = write_faiss(store, kind)
+            info = write_faiss(store, kind, memory_budget=memory_budget, rebuild=True)
             if info is None:
                 raise RuclipSearchError(f"Index {os.fspath(index)!r} holds no embeddings yet: build it first.")
             return info

@@ -880,7 +880,8 @@ class Index:
         """Top-`want` (id, score) rows: the FAISS file and the recent segment merged (frames are rows too)."""
         segment = state.segment
         assert segment is not None
-        pairs = self._search_main(state.faiss, segment.tombs, query, want, allowed, exclude)
+        pairs = self._search_main(state.faiss, segment.tombs, query, want, allowed, exclude,
+                                  fetch=self.store.embeddings_or_nan)  # fmt: skip
         if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)
             pairs = sorted(pairs + segment.search(query, want, allowed, exclude), key=lambda p: (-p[1], p[0]))
         pool = len(allowed) if allowed is not None else state.count - len(exclude)
@@ -907,23 +908,25 @@ class Index:
 
     @staticmethod
     def _search_main(
-        index: Any, tombs: np.ndarray, query: np.ndarray, want: int, allowed: np.ndarray | None, exclude: set[int]
-    ) -> list[tuple[int, float]]:
-        """Top-`want` (id, score) of the FAISS file, never a tombstoned (stale or deleted) or excluded id."""
+        index: Any, tombs: np.ndarray, query: np.ndarray, want: int, allowed: np.ndarray | None, exclude: set[int],
+        fetch: Any = None,
+    ) -> list[tuple[int, float]]:  # fmt: skip
+        """Top-`want` (id, score) of the FAISS file, never a tombstoned (stale or deleted) or excluded id.
+        `fetch` (the store's vectors by id) re-ranks IVF-PQ candidates on the stored vectors."""
         if allowed is not None:
             if len(tombs):
                 allowed = allowed[~np.isin(allowed, tombs)]
             if len(allowed) == 0 or index.ntotal == 0:
                 return []
-            scores, ids = faiss_index.search(index, query, want, allowed)
+            scores, ids = faiss_index.search(index, query, want, allowed, fetch=fetch)
         elif index.ntotal == 0:
             return []
         elif len(tombs) + len(exclude) <= TOMBSTONE_SELECTOR_MIN:
             # a few tombstones: ask for that many more results and drop them (no selector: a plain search)
-            scores, ids = faiss_index.search(index, query, want + len(tombs) + len(exclude))
+            scores, ids = faiss_index.search(index, query, want + len(tombs) + len(exclude), fetch=fetch)
         else:
             skip = np.union1d(tombs, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
-            scores, ids = faiss_index.search(index, query, want, faiss_index.excluding(skip))
+            scores, ids = faiss_index.search(index, query, want, faiss_index.excluding(skip), fetch=fetch)
         dead = set(tombs.tolist()) if len(tombs) <= TOMBSTONE_SELECTOR_MIN else None
         pairs = []
         for s, i in zip(scores[0], ids[0], strict=True):
@@ -1190,10 +1193,12 @@ class Index:
             return 0
         return len(self._writes.submit(([], keys))[1])
 
-    def compact(self) -> dict[str, Any]:
-        """Rewrite the FAISS file from the store (under the index lock) and empty the segment; returns the
-        new file's info plus `seconds` and `folded` (the segment's size before). Raises IndexLockedError while
-        a build runs (the build rewrites the FAISS file itself when it ends)."""
+    def compact(self, memory_budget: int | None = None) -> dict[str, Any]:
+        """Fold the segment into the FAISS file (under the index lock) and empty it; returns the new file's
+        info plus `seconds` and `folded` (the segment's size before). The trained IVF index takes the changes
+        without retraining until the collection has outgrown its training (then it is rebuilt, streamed);
+        `memory_budget` (bytes) as for a build. Raises IndexLockedError while a build runs (the build
+        updates the FAISS file itself when it ends)."""
         from .indexer import write_faiss
 
         self._need_writable()
@@ -1201,7 +1206,7 @@ class Index:
         state = self._live_state()
         folded = state.segment.size if state.segment is not None else 0
         with IndexLock(self.store.dir, db=self.store.url):
-            info = write_faiss(self.store)
+            info = write_faiss(self.store, memory_budget=memory_budget)
         if info is None:
             raise QueryError(f"Index {str(self.store.dir)!r} has no model recorded yet: create it first.")
         with self._refresh_lock:

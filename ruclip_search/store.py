@@ -462,6 +462,66 @@ def decode_embeddings(blobs: Sequence[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(blobs), dim).astype(np.float32)
 
 
+class EmbeddingSnapshot:
+    """Every embedded image as of one read transaction, read in pieces (a faiss_index.VectorSource): a FAISS
+    build streams it instead of loading all vectors at once. `seq`: the last change it covers."""
+
+    def __init__(self, conn: sa.Connection, dim: int, batch: int) -> None:
+        self.conn, self.dim, self.batch = conn, dim, batch
+        self.seq = int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(changes_table.c.seq), 0))).scalar_one())
+        embedded = images_table.c.embedding.is_not(None)
+        row = conn.execute(sa.select(sa.func.count(), sa.func.min(images_table.c.id),
+                                     sa.func.max(images_table.c.id)).where(embedded)).one()  # fmt: skip
+        self.count, self._lo, self._hi = int(row[0]), row[1], row[2]
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64, vectors float32) of every embedded image, `batch` at a time, in id order."""
+        return Store._iter_embeddings(self.conn, self.dim, self.batch)
+
+    def _by_ids(self, ids: Sequence[int]) -> dict[int, bytes]:
+        found: dict[int, bytes] = {}
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start : start + 500]]
+            query = sa.select(images_table.c.id, images_table.c.embedding).where(
+                images_table.c.id.in_(chunk), images_table.c.embedding.is_not(None)
+            )
+            found.update((r[0], r[1]) for r in self.conn.execute(query))
+        return found
+
+    def sample(self, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """About `count` embedded images picked at random (ids drawn in the id range and read by key: no scan)."""
+        if count >= self.count:
+            parts = list(self.chunks())
+            if not parts:
+                return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        rng = np.random.default_rng(seed)
+        span = self._hi - self._lo + 1
+        found: dict[int, bytes] = {}
+        for _ in range(20):  # ids missing from the range (deleted, failed files) only cost more draws
+            need = count - len(found)
+            if need <= 0:
+                break
+            draw = np.unique(rng.integers(self._lo, self._hi + 1, size=int(need * span / self.count * 1.1) + 16))
+            found.update(self._by_ids([i for i in draw.tolist() if i not in found]))
+        ids = np.array(sorted(found), dtype=np.int64)
+        if len(ids) > count:
+            ids = np.sort(rng.choice(ids, size=count, replace=False))
+        return ids, decode_embeddings([found[int(i)] for i in ids], self.dim)
+
+    def fetch(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (len(ids), dim) vectors of `ids`, NaN rows for ids without an embedding."""
+        return _rows_or_nan(self._by_ids(ids), ids, self.dim)
+
+
+def _rows_or_nan(found: dict[int, bytes], ids: Sequence[int], dim: int) -> np.ndarray:
+    out = np.full((len(ids), dim), np.nan, dtype=np.float32)
+    have = [j for j, i in enumerate(ids) if int(i) in found]
+    if have:
+        out[have] = decode_embeddings([found[int(ids[j])] for j in have], dim)
+    return out
+
+
 def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
     """`items` in slices of `size` (an IN list stays under SQLite's bound-variable limit)."""
     for start in range(0, len(items), size):
@@ -1064,6 +1124,46 @@ class Store:
             last = rows[-1][0]
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             yield ids, decode_embeddings([r[1] for r in rows], dim)
+
+    @contextlib.contextmanager
+    def embedding_snapshot(self, batch: int = 50_000) -> Iterator[EmbeddingSnapshot]:
+        """Every embedded image as of one read transaction, to stream into a FAISS build (see EmbeddingSnapshot)."""
+        dim = self.dim or 0
+        with self._snapshot() as conn:
+            yield EmbeddingSnapshot(conn, dim, batch)
+
+    def changed_embeddings(self, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(ids changed after `seq` that have an embedding, their vectors, ids changed after `seq` that no longer
+        have one, the new max seq), from one snapshot: what folding the changes into a FAISS file needs."""
+        with self._snapshot() as conn:
+            top = self._max_seq(conn)
+            changed = sa.select(changes_table.c.image_id).where(changes_table.c.seq > int(seq)).distinct().subquery()
+            query = sa.select(changed.c.image_id, images_table.c.embedding).select_from(
+                changed.outerjoin(images_table, images_table.c.id == changed.c.image_id)
+            )
+            live: dict[int, bytes] = {}
+            gone: list[int] = []
+            for image_id, blob in conn.execute(query):
+                if blob is None:
+                    gone.append(image_id)
+                else:
+                    live[image_id] = blob
+        ids = np.array(sorted(live), dtype=np.int64)
+        vecs = decode_embeddings([live[int(i)] for i in ids], self.dim or 0)
+        return ids, vecs, np.sort(np.array(gone, dtype=np.int64)), top
+
+    def embeddings_or_nan(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 (len(ids), dim) embeddings in the given order, NaN rows for ids without one (deleted
+        meanwhile): the re-ranking of IVF-PQ candidates reads them per query."""
+        found: dict[int, bytes] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start : start + 500]]
+                query = sa.select(images_table.c.id, images_table.c.embedding).where(
+                    images_table.c.id.in_(chunk), images_table.c.embedding.is_not(None)
+                )
+                found.update((r[0], r[1]) for r in conn.execute(query))
+        return _rows_or_nan(found, ids, self.dim or 0)
 
     def all_embeddings(self, *, frames: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every embedded image (`frames=False`: not the extra frames of videos)."""

@@ -56,10 +56,14 @@ def built(data) -> dict[str, tuple[faiss.Index, dict, tuple[np.ndarray, np.ndarr
     out = {}
     for kind in ANN_KINDS:
         vecs, ids, queries = data if kind != "ivfpq" else make_data(PQ_DIM)
-        # IVF-PQ's codes cap its recall well below 0.95 at this size: don't let tuning probe every list
-        index, info = faiss_index.build_faiss(vecs, ids, kind, min_recall=0.95 if kind != "ivfpq" else 0.5)
+        index, info = faiss_index.build_faiss(vecs, ids, kind)  # IVF-PQ reaches the bar by re-ranking
         out[kind] = (index, info, (vecs, ids, queries))
     return out
+
+
+def fetch_of(vecs: np.ndarray, ids: np.ndarray):
+    """The stored vectors by id, as the store gives them to IVF-PQ re-ranking."""
+    return faiss_index.ArraySource(vecs, ids).fetch
 
 
 def exact(vecs: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
@@ -117,7 +121,7 @@ def test_type_and_tuned_recall(built, kind: str) -> None:
     assert inner_type(index) is EXPECTED_TYPE[kind] and info["type"] == kind
     assert (info["n"], info["dim"], index.ntotal) == (N, vecs.shape[1], N)
     # the recall the build reports is what the index has (measured again with another sample of queries)
-    measured = faiss_index.recall_at_k(index, vecs, ids, seed=7)
+    measured = faiss_index.recall_at_k(index, vecs, ids, seed=7, fetch=fetch_of(vecs, ids))
     assert abs(measured - info["recall_at_10"]) < 0.03, (measured, info)
     if kind == "hnsw":
         assert (
@@ -125,19 +129,23 @@ def test_type_and_tuned_recall(built, kind: str) -> None:
         )
     else:
         ivf = faiss.extract_index_ivf(index)
-        assert info["params"] == {"nprobe": ivf.nprobe, "nlist": ivf.nlist} and ivf.nlist > 1
-    if kind != "ivfpq":
-        assert info["recall_at_10"] >= faiss_index.MIN_RECALL
-        assert measured >= faiss_index.MIN_RECALL
-        # tuning stops at the first sufficient setting: ANN, not an exhaustive scan
-        if kind == "ivf":
-            assert info["params"]["nprobe"] < info["params"]["nlist"]
+        expected = {"nprobe": ivf.nprobe, "nlist": ivf.nlist} | (
+            {"rerank": faiss_index.rerank_depth(index)} if kind == "ivfpq" else {}
+        )
+        assert info["params"] == expected and ivf.nlist > 1
+    assert info["recall_at_10"] >= faiss_index.MIN_RECALL + faiss_index.TUNE_MARGIN
+    assert measured >= faiss_index.MIN_RECALL
+    # tuning stops at the first sufficient setting: ANN, not an exhaustive scan
+    if kind == "ivf":
+        assert info["params"]["nprobe"] < info["params"]["nlist"]
+    if kind == "ivfpq":  # re-ranks some candidates, not the collection
+        assert info["params"]["rerank"] < N // 2 and info["params"]["nprobe"] < info["params"]["nlist"]
 
 
 def test_ivfpq_compresses(built) -> None:
     index, _, _ = built["ivfpq"]
     pq = faiss.downcast_index(index)
-    assert pq.code_size == pq.pq.M == PQ_DIM // 8  # about 8 dimensions per sub-quantizer, 8-bit codes
+    assert pq.code_size == pq.pq.M == PQ_DIM // 16  # about 16 dimensions per sub-quantizer, 8-bit codes
 
 
 # -- searching with text-like queries ---------------------------------------------------------------
@@ -146,8 +154,7 @@ def test_unfiltered_search_vs_exact(built, kind: str) -> None:
     index, _, (vecs, ids, queries) = built[kind]
     scores, found = faiss_index.search(index, queries, K)
     assert found.shape == (len(queries), K)
-    # IVF-PQ probing 1-2 short lists may return fewer than K: only the exhaustive-enough kinds fill every page
-    assert (found >= 0).all() if kind != "ivfpq" else (found >= 0).mean() > 0.9
+    assert (found >= 0).all()  # every page is full (IVF probes more lists for a query that comes up short)
     assert set(np.unique(found[found >= 0]).tolist()) <= set(ids.tolist())
     assert all((np.diff(s[f >= 0]) <= 1e-6).all() for s, f in zip(scores, found, strict=True))  # best first
     if kind != "ivfpq":  # flat codes: the scores are the true cosines of the returned ids
@@ -155,23 +162,28 @@ def test_unfiltered_search_vs_exact(built, kind: str) -> None:
         true = np.array([[vecs[row[int(i)]] @ q for i in f] for f, q in zip(found, queries, strict=True)])
         np.testing.assert_allclose(scores, true, atol=1e-5)
     got = recall(found, exact(vecs, ids, queries, K))
-    assert got >= (0.6 if kind != "ivfpq" else 0.3), got
+    assert got >= (0.6 if kind != "ivfpq" else 0.3), got  # IVF-PQ without re-ranking: PQ-approximate order
+    if kind == "ivfpq":  # re-ranked on the stored vectors: the scores are the true cosines, the order exact
+        rscores, rfound = faiss_index.search(index, queries, K, fetch=fetch_of(vecs, ids))
+        row = {int(i): r for r, i in enumerate(ids)}
+        true = np.array([[vecs[row[int(i)]] @ q for i in f] for f, q in zip(rfound, queries, strict=True)])
+        np.testing.assert_allclose(rscores, true, atol=1e-5)
+        assert (rfound >= 0).all() and all((np.diff(s) <= 1e-6).all() for s in rscores)
+        assert recall(rfound, exact(vecs, ids, queries, K)) > got
     # one query at a time (the single-thread path) answers the same as the batch
     one = np.vstack([faiss_index.search(index, q, K)[1] for q in queries[:5]])
     np.testing.assert_array_equal(one, found[:5])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: tuning measures recall with copies of indexed vectors as queries; text-like queries "
-    "get about 0.75-0.85 at the tuned nprobe/efSearch (remove this mark once tuning uses realistic queries)",
-)
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ANN_KINDS)
 def test_text_like_recall_meets_the_tuning_target(built, kind: str) -> None:
+    """Held-out text-like queries (this module's generator, not the tuning's) get the recall tuned for."""
     index, _, (vecs, ids, queries) = built[kind]
-    assert recall(faiss_index.search(index, queries, K)[1], exact(vecs, ids, queries, K)) >= faiss_index.MIN_RECALL
+    fetch = fetch_of(vecs, ids)
+    found = faiss_index.search(index, queries, K, fetch=fetch)[1]
+    assert recall(found, exact(vecs, ids, queries, K)) >= faiss_index.MIN_RECALL
     allowed = ids[::5]
-    found = faiss_index.search(index, queries, K, allowed)[1]
+    found = faiss_index.search(index, queries, K, allowed, fetch=fetch)[1]
     assert recall(found, exact(vecs, ids, queries, K, allowed)) >= faiss_index.MIN_RECALL
 
 
@@ -233,33 +245,119 @@ def test_params_restored_on_load(built, tmp_path: Path, kind: str) -> None:
 
 def test_training_sample_is_bounded_and_fixed() -> None:
     vecs, _ = clustered(n=2000)
-    quantizer = faiss.IndexFlatIP(DIM)
-    index = faiss.IndexIVFFlat(quantizer, DIM, 10, faiss.METRIC_INNER_PRODUCT)
-    sample = faiss_index._training_sample(index, vecs)
-    assert len(sample) == faiss_index.TRAIN_PER_LIST * 10 < len(vecs)
-    np.testing.assert_array_equal(sample, faiss_index._training_sample(index, vecs))  # reproducible builds
-    rows = {v.tobytes() for v in vecs}
-    assert all(v.tobytes() in rows for v in sample) and len({v.tobytes() for v in sample}) == len(sample)
-    assert len(faiss_index._training_sample(index, vecs[:300])) == 300  # small collections train on all
+    ids = (7 + 3 * np.arange(len(vecs))).astype(np.int64)
+    source = faiss_index.ArraySource(vecs, ids)
+    sample_ids, sample = source.sample(400)
+    assert len(sample) == len(sample_ids) == 400 == len(set(sample_ids.tolist()))
+    again_ids, again = source.sample(400)
+    np.testing.assert_array_equal(sample, again)  # reproducible builds
+    np.testing.assert_array_equal(sample, vecs[(sample_ids - 7) // 3])  # each vector comes with its own id
+    assert len(source.sample(5000)[1]) == 2000  # small collections train on all
 
 
-def test_build_trains_on_the_sample(data, monkeypatch: pytest.MonkeyPatch) -> None:
-    vecs, ids, _ = data
-    seen: list[int] = []
-    real = faiss_index._training_sample
+class _CountingSource(faiss_index.ArraySource):
+    """Records how the build reads it: the largest chunk, the samples asked for, vectors fetched by id."""
 
-    def spy(index, vectors):
-        out = real(index, vectors)
-        seen.append(len(out))
-        return out
+    def __init__(self, vecs: np.ndarray, ids: np.ndarray, chunk: int) -> None:
+        super().__init__(vecs, ids, chunk)
+        self.largest, self.samples, self.passes = 0, [], 0
 
+    def chunks(self):
+        self.passes += 1
+        for ids, vecs in super().chunks():
+            self.largest = max(self.largest, len(ids))
+            yield ids, vecs
+
+    def sample(self, count: int, seed: int = 0):
+        self.samples.append(count)
+        return super().sample(count, seed)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_build_streams_and_trains_on_the_sample(data, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """One pass over chunks of at most `chunk` vectors; training on TRAIN_PER_LIST per list (IVF-PQ: enough for
+    the codebooks too); the index holds every vector under its own id."""
+    vecs, ids, _ = data if kind == "ivf" else make_data(PQ_DIM)
     monkeypatch.setattr(faiss_index, "TRAIN_PER_LIST", 20)
-    monkeypatch.setattr(faiss_index, "_training_sample", spy)
-    index, info = faiss_index.build_faiss(vecs, ids, "ivf")
-    assert seen == [20 * info["params"]["nlist"]] and seen[0] < N and index.ntotal == N
+    source = _CountingSource(vecs, ids, chunk=300)
+    index, info = faiss_index.build(source, kind)
+    nlist = info["params"]["nlist"]
+    assert source.passes == 1 and source.largest == 300
+    assert source.samples == [20 * nlist if kind == "ivf" else min(N, max(20 * nlist, 256 * 39))]
+    assert index.ntotal == N and info["trained_n"] == N
+    assert faiss.extract_index_ivf(index).invlists.compute_ntotal() == N
+    found = faiss_index.search(index, vecs[:20], 1, fetch=source.fetch)[1][:, 0]
+    np.testing.assert_array_equal(found, ids[:20])  # a stored vector finds itself, by its id
 
 
-# -- search.py: a filtered ANN search that misses hits is redone exactly ------------------------------
+def test_auto_picks_by_count_and_memory_budget() -> None:
+    gib = 1024**3
+    assert faiss_index.choose_kind(40_000) == "flat"
+    assert faiss_index.choose_kind(1_000_000, dim=768, memory_budget=4 * gib) == "ivf"  # 3 GB of float32
+    assert faiss_index.choose_kind(1_000_000, dim=768, memory_budget=2 * gib) == "ivfpq"
+    assert faiss_index.choose_kind(2_000_000, dim=512, memory_budget=8 * gib) == "ivf"
+    assert faiss_index.choose_kind(faiss_index.IVF_MAX + 1, dim=64, memory_budget=64 * gib) == "ivfpq"
+    p = faiss_index.plan(10_000_000, 768)
+    assert (p.kind, p.m) == ("ivfpq", 48) and p.memory(10_000_000, 768) < faiss_index.defaults.MEMORY_BUDGET
+    assert p.nlist == faiss_index.MAX_IVFPQ_LISTS
+    small = faiss_index.plan(10_000_000, 768, memory_budget=300 * 1024**2)  # codes shrink to fit
+    assert small.kind == "ivfpq" and small.m < 48 and 10_000_000 * (small.m + 8) <= 300 * 1024**2
+    assert faiss_index.plan(500, 768, "ivfpq").kind == "flat"
+    assert faiss_index.parse_bytes("4G") == 4 * gib and faiss_index.parse_bytes("500m") == 500 * 1024**2
+    assert faiss_index.parse_bytes("2.5GB") == int(2.5 * gib) and faiss_index.parse_bytes("1024") == 1024
+    with pytest.raises(ValueError, match="4G"):
+        faiss_index.parse_bytes("lots")
+
+
+def test_update_adds_to_the_trained_index(data) -> None:
+    """New, changed and deleted vectors fold into a trained IVF index: same centroids, right ids."""
+    vecs, ids, queries = data
+    head = N * 3 // 4
+    index, info = faiss_index.build_faiss(vecs[:head], ids[:head], "ivf")
+    ivf = faiss.extract_index_ivf(index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    changed = ids[:10]
+    moved = vecs[head : head + 10]  # ids 0..9 now hold other vectors
+    gone = ids[10:20]
+    faiss_index.update(index, np.concatenate([changed, ids[head:]]), np.vstack([moved, vecs[head:]]), gone)
+    np.testing.assert_array_equal(ivf.quantizer.reconstruct_n(0, ivf.nlist), centroids)  # not retrained
+    assert index.ntotal == N - 10
+    current = {int(i): v for i, v in zip(ids, vecs, strict=True)}
+    current.update({int(i): v for i, v in zip(changed, moved, strict=True)})
+    for i in gone.tolist():
+        del current[i]
+    now_ids = np.array(sorted(current), dtype=np.int64)
+    now = np.vstack([current[int(i)] for i in now_ids])
+    found = faiss_index.search(index, queries, K)[1]
+    assert not np.isin(found, gone).any()
+    assert recall(found, exact(now, now_ids, queries, K)) >= faiss_index.MIN_RECALL - 0.05
+    assert not faiss_index.needs_retrain("ivf", 1000, 4000) and faiss_index.needs_retrain("ivf", 1000, 4001)
+    assert not faiss_index.needs_retrain("flat", 1000, 10**6)
+    hnsw, _ = faiss_index.build_faiss(vecs[:100], ids[:100], "hnsw")
+    with pytest.raises(ValueError, match="rebuild"):
+        faiss_index.update(hnsw, ids[:1], vecs[:1], ids[:0])
+
+
+def test_short_lists_are_probed_until_the_page_is_full(built) -> None:
+    """An IVF search whose nprobe lists hold fewer than k vectors (or passing the filter) probes more."""
+    for kind in ("ivf", "ivfpq"):
+        index, info, (vecs, ids, queries) = built[kind]
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = 1
+        try:
+            k = 3 * N // ivf.nlist  # more than any one list holds
+            raw = index.search(queries, k)[1]
+            assert (raw < 0).any()  # precondition: FAISS alone comes up short
+            found = faiss_index.search(index, queries, k)[1]
+            assert (found >= 0).all() and all(len(set(f.tolist())) == k for f in found)
+            allowed = ids[::7]
+            found = faiss_index.search(index, queries, K, allowed)[1]
+            assert (found >= 0).all() and np.isin(found, allowed).all()
+        finally:
+            faiss_index.apply_params(index, info["params"])
+
+
+# -- search.py: a filtered ANN search that misses hits is filled (more lists) or redone exactly ----------------------------
 class _VectorTextModel:
     """Text-model stand-in for Index.open: the queries below are vectors, so it is never asked to encode."""
 
@@ -292,8 +390,10 @@ def test_search_falls_back_to_exact_when_filtered_ann_misses(tmp_path: Path) -> 
     faiss_index.save_atomic(ann, faiss_file)
     query = text_like_queries(centres, n=1, seed=9)[0]
     k = 4
-    _, direct = faiss_index.search(ann, query, k, np.array(few, dtype=np.int64))
-    assert (direct >= 0).sum() < k  # precondition: the probed lists hold too few of the allowed photos
+    allowed = np.array(few, dtype=np.int64)
+    sel = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+    _, direct = ann.search(query[None], k, params=faiss.SearchParametersIVF(sel=sel, nprobe=info["params"]["nprobe"]))
+    assert (direct >= 0).sum() < k  # precondition: the tuned nprobe lists hold too few of the allowed photos
 
     mask = np.isin(real_ids, few)
     truth = [int(real_ids[mask][j]) for j in np.argsort(-(real_vecs[mask] @ query), kind="stable")[:k]]
