@@ -572,8 +572,9 @@ class Index:
             name = meta.get("faiss_file")
             if not name:
                 raise IndexNotFoundError(
-                    f"Index {str(store.dir)!r} has no search index yet (its first build has not finished): "
-                    "run `ruclip-index build PHOTOS_DIR` and wait for it to finish."
+                    f"Index {str(store.dir)!r} has no search index yet: its first build has not finished, or "
+                    "found no photo it could index. Run `ruclip-index build PHOTOS_DIR` on a folder with photos "
+                    "and wait for it to finish (`ruclip-index info --errors` lists files that failed)."
                 )
             params = json.loads(meta.get("index_params") or "{}")
             try:

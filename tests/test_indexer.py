@@ -284,3 +284,17 @@ def test_interrupted_rebuild_leaves_the_index_intact_and_resumes(tmp_path: Path,
     assert snapshot(index, db=db).keys() == before.keys()
     with Store.open(index, db=db) as store:
         assert (store.model_name, store.dim) == ("other", 16)
+
+
+def test_a_folder_without_photos_says_so_when_searched(tmp_path: Path) -> None:
+    """A build of a folder with nothing to index ends normally; opening the index then says why it cannot be
+    searched (no photo found), not only that a build may still be running."""
+    from ruclip_search.errors import IndexNotFoundError
+    from ruclip_search.search import Index
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "notes.txt").write_text("не фото")
+    r = build(tmp_path / "photos", index=tmp_path / "idx", model=StandInModel(), workers=0)
+    assert (r.added, r.failed) == (0, 0)
+    with pytest.raises(IndexNotFoundError, match="found no photo it could index"):
+        Index.open(tmp_path / "idx")
