@@ -96,13 +96,9 @@ def walk_paths(
         except OSError:  # gone (deleted or moved away); if it was a pair's RAW or video, its still is alone now
             still = _still_beside(os.path.dirname(path), parts[-1])
             if still is not None:
-                owner, raw_name, live_name = _pair_in_folder(os.path.dirname(path), still, media.PHOTO)
-                rel = os.path.join(os.path.dirname(rel), owner) if os.path.dirname(rel) else owner
-                try:
-                    st = os.stat(os.path.join(root, rel))
-                except OSError:
-                    continue
-                yield FileEntry(root, rel, st.st_size, st.st_mtime_ns, raw_name, live_name)
+                entry = _still_entry(root, rel, *_pair_in_folder(os.path.dirname(path), still, media.PHOTO))
+                if entry is not None:
+                    yield entry
             continue
         if stat.S_ISDIR(st.st_mode):
             folders.append(rel)
@@ -114,11 +110,10 @@ def walk_paths(
             continue
         owner, raw_name, live_name = _pair_in_folder(os.path.dirname(path), parts[-1], kind)
         if owner != parts[-1]:  # the RAW or video of a pair: the still stands for both
-            rel = os.path.join(os.path.dirname(rel), owner) if os.path.dirname(rel) else owner
-            try:
-                st = os.stat(os.path.join(root, rel))
-            except OSError:
-                continue
+            entry = _still_entry(root, rel, owner, raw_name, live_name)
+            if entry is not None:
+                yield entry
+            continue
         yield FileEntry(root, rel, st.st_size, st.st_mtime_ns, raw_name, live_name)
     if folders:
         yield from _walk_tree(root, folders, patterns, follow_symlinks)
@@ -219,6 +214,16 @@ def _paired(files: list[tuple[str, str, str, os.stat_result]]) -> Iterator[tuple
             continue
         raw, live = pairs.get(name, (None, None))
         yield name, rel, raw, live, fst
+
+
+def _still_entry(root: str, rel: str, owner: str, raw_name: str | None, live_name: str | None) -> FileEntry | None:
+    """The entry of the still `owner` that stands for a pair, beside `rel` (None if it is gone meanwhile)."""
+    rel = os.path.join(os.path.dirname(rel), owner) if os.path.dirname(rel) else owner
+    try:
+        st = os.stat(os.path.join(root, rel))
+    except OSError:
+        return None
+    return FileEntry(root, rel, st.st_size, st.st_mtime_ns, raw_name, live_name)
 
 
 def _still_beside(folder: str, name: str) -> str | None:
