@@ -565,10 +565,11 @@ def compact(index: Path | None, memory_budget: int | None, db: str | None, quiet
     show_default=True,
     help="Rows per shard.",
 )
+@db_option
 @quiet_option
 @json_option
-def export(index: Path | None, parquet_dir: Path | None, clip_dir: Path | None, shard_rows: int, quiet: bool,
-           as_json: bool) -> None:  # fmt: skip
+def export(index: Path | None, parquet_dir: Path | None, clip_dir: Path | None, shard_rows: int, db: str | None,
+           quiet: bool, as_json: bool) -> None:  # fmt: skip
     """Write the index's embeddings out, streamed shard by shard (pip install 'ruclip-search[parquet]').
 
     Examples:
@@ -581,7 +582,7 @@ def export(index: Path | None, parquet_dir: Path | None, clip_dir: Path | None, 
 
     if parquet_dir is None and clip_dir is None:
         raise click.UsageError("give --parquet DIR, --clip-retrieval DIR, or both.")
-    result = export_index(resolve_index(index), parquet_dir, clip_dir, shard_rows=shard_rows)
+    result = export_index(resolve_index(index, db), parquet_dir, clip_dir, shard_rows=shard_rows, db=db)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
     elif not quiet:
@@ -598,9 +599,11 @@ def export(index: Path | None, parquet_dir: Path | None, clip_dir: Path | None, 
     is_flag=True,
     help="Leave the FAISS file as it is (searches see the rows meanwhile; run `compact` later).",
 )
+@db_option
 @quiet_option
 @json_option
-def import_(source: Path, index: Path, model: str | None, no_reindex: bool, quiet: bool, as_json: bool) -> None:
+def import_(source: Path, index: Path, model: str | None, no_reindex: bool, db: str | None, quiet: bool,
+            as_json: bool) -> None:  # fmt: skip
     """Put the photos of Parquet shards (a `key` and an `embedding` column each) into an index, by key.
 
     Each shard is checked whole first; one with a bad row writes nothing. Importing again is safe.
@@ -613,7 +616,7 @@ def import_(source: Path, index: Path, model: str | None, no_reindex: bool, quie
     """
     from .parquet import import_shards
 
-    result = import_shards(index, source, model=model, write_index=not no_reindex)
+    result = import_shards(index, source, model=model, write_index=not no_reindex, db=db)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
     elif not quiet:

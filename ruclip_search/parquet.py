@@ -68,8 +68,10 @@ def _empty_dir(folder: Path) -> None:
 
 def export_index(index: str | os.PathLike[str], parquet_dir: str | os.PathLike[str] | None = None,
                  clip_retrieval_dir: str | os.PathLike[str] | None = None,
-                 shard_rows: int = defaults.EXPORT_SHARD_ROWS) -> dict[str, Any]:  # fmt: skip
+                 shard_rows: int = defaults.EXPORT_SHARD_ROWS, db: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Write the index's embedded photos as Parquet shards and/or clip-retrieval's layout; returns counts.
+
+    `db`: the index's PostgreSQL URL when its metadata lives there (None: the index folder's SQLite file).
 
     Memory: one row group (ROW_GROUP rows) plus, for clip-retrieval's .npy files, one shard of float16
     vectors (`shard_rows` x dim x 2 bytes).
@@ -79,7 +81,7 @@ def export_index(index: str | os.PathLike[str], parquet_dir: str | os.PathLike[s
     pa, pq = _pa()
     shard_rows = max(1, int(shard_rows))
     t0 = time.perf_counter()
-    with Store.open(index) as store:
+    with Store.open(index, db=db) as store:
         dim, model = store.dim, store.model_name
         if dim is None:
             raise RuclipSearchError(f"Index {os.fspath(index)!r} holds no embeddings yet: build it first.")
@@ -271,14 +273,15 @@ def _model_dim(model: Any) -> int:
 
 
 def import_shards(index: str | os.PathLike[str], source: str | os.PathLike[str], model: Any = None,
-                  write_index: bool = True, batch: int = ROW_GROUP) -> dict[str, Any]:  # fmt: skip
+                  write_index: bool = True, batch: int = ROW_GROUP, db: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Put the rows of Parquet shards into an index by key (added, or replacing the photo with that key).
 
     Every shard is checked whole before any of its rows is written: a missing or malformed key, collection or
     label, an embedding of the wrong size, NaN or all zeros raises QueryError naming the shard and row, and
     that shard writes nothing (shards before it stay written; importing again is idempotent). A new index
     is bound to `model`, else to the model the shards name. `write_index`: rewrite the FAISS file at the end
-    (else searches see the rows through the change log until `compact`).
+    (else searches see the rows through the change log until `compact`). `db`: a PostgreSQL URL for the
+    index's metadata (None: SQLite in the index folder).
     """
     from .indexer import model_key, write_faiss
 
@@ -287,7 +290,7 @@ def import_shards(index: str | os.PathLike[str], source: str | os.PathLike[str],
     declared = [_shard_dim(pq, f) for f in files]
     t0 = time.perf_counter()
     rows = 0
-    with IndexLock(index, create=True), Store.create(index) as store:
+    with IndexLock(index, create=True), Store.create(index, db=db) as store:
         name, dim = store.model_name, store.dim
         wanted = model_key(model) if model is not None else None
         shard_models = {m for _, m in declared if m}

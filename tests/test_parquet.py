@@ -31,9 +31,9 @@ def photos(dim: int, n: int = N, seed: int = 0) -> list[dict]:
     ]  # fmt: skip
 
 
-def state(index: Path) -> dict[str, tuple]:
+def state(index: Path, db: str | None = None) -> dict[str, tuple]:
     """key -> (collection, labels, taken_at, float16 embedding bytes) of every photo."""
-    with Store.open(index) as store:
+    with Store.open(index, db=db) as store:
         ids, _ = store.all_embeddings()
         records = store.get_images(ids.tolist())
         out = {}
@@ -133,13 +133,22 @@ def test_clip_retrieval_layout(source: Path, tmp_path: Path) -> None:
     assert meta.column("key").to_pylist() == [records[i].key for i in ids.tolist()]
 
 
-def test_cli_export_import(source: Path, tmp_path: Path) -> None:
+def test_cli_export_import(source: Path, tmp_path: Path, db: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Export and import take --db (and RUCLIP_SEARCH_DB) as every command that opens an index does."""
     runner = CliRunner()
     r = runner.invoke(main, ["export", "--index", str(source), "--parquet", str(tmp_path / "pq"), "--json"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["export", "--index", str(source), "--parquet", str(tmp_path / "pq")])
     assert r.exit_code == 1 and "not empty" in r.output
-    r = runner.invoke(main, ["import", str(tmp_path / "pq"), "--index", str(tmp_path / "dst")])
+    dst = tmp_path / "dst"
+    r = runner.invoke(main, ["import", str(tmp_path / "pq"), "--index", str(dst)] + (["--db", db] if db else []))
     assert r.exit_code == 0, r.output
     assert f"{N} photos from 1 shards" in r.output
-    assert state(tmp_path / "dst") == state(source)
+    assert state(dst, db) == state(source)
+    if db:  # out of that database again, named by the environment this time
+        monkeypatch.setenv("RUCLIP_SEARCH_DB", db)
+        assert not (dst / "index.db").exists()  # the rows went to PostgreSQL, not into the folder
+    r = runner.invoke(main, ["export", "--index", str(dst), "--parquet", str(tmp_path / "pq2")])
+    assert r.exit_code == 0, r.output
+    again, first = pq.read_table(tmp_path / "pq2").sort_by("key"), pq.read_table(tmp_path / "pq").sort_by("key")
+    assert again.drop(["path"]).equals(first.drop(["path"]))
