@@ -594,8 +594,8 @@ def _run(
     if to_decode and opts.engine == "ray":  # decode and encode on a Ray cluster; committed here all the same
         from .ray_engine import encode_on_ray
 
-        encode_on_ray(store, report, model, name, to_decode, opts)
-    elif to_decode:
+        to_decode = encode_on_ray(store, report, model, name, to_decode, opts)  # what it leaves: videos
+    if to_decode:
         batch_size = opts.batch_size if opts.batch_size is not None else default_batch_size(opts.device)
         b = _Build(store, report, model, name, opts.device, batch_size, progress)
         b.total = len(to_decode)

@@ -18,13 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
+from . import media
+from ._ray_tasks import Encoder, decode_chunks
 from .errors import RuclipSearchError
 from .indexer import BuildReport, _Build, _Job, _Options, default_batch_size
 from .loader import CHUNK, WORKER_DIED, FileMeta, Loaded, Loader, load_one
@@ -35,6 +37,7 @@ INSTALL_HINT = "engine='ray' (--ray) needs Ray Data: pip install 'ruclip-search[
 # then stop the build. These bound the retries; a block that still fails is dropped and its files go again.
 TASK_RETRIES = 2  # re-runs of a decode task whose worker died
 ACTOR_RETRIES = 4  # restarts of a dead encoder actor, and retries of its batch
+MAX_BLOCKS = 2000  # input blocks (each a ray.put on the driver); beyond, a block holds several decode tasks
 
 
 def _ray() -> Any:
@@ -66,74 +69,6 @@ def connected(address: str | None) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
-
-
-# -- on the cluster --------------------------------------------------------------------------------------
-def _decode_batch(batch: dict[str, np.ndarray], preprocessor: Any, max_pixels: int | None,
-                  loader: Loader) -> dict[str, np.ndarray]:  # fmt: skip
-    """A CPU task: read, hash, decode and preprocess files; a bad file becomes a row with its reason."""
-    import torch
-
-    torch.set_num_threads(1)  # one core per task: Ray schedules the tasks, not OpenMP
-    try:
-        results: list[Loaded] = [loader(preprocessor, str(p), max_pixels) for p in batch["path"]]
-    except Exception as e:  # a bug, not a bad file (load_one never raises): the driver stops the build
-        return _fatal(batch, f"decoding failed: {type(e).__name__}: {e}")
-    shape = next((r.pixels.shape for r in results if r.pixels is not None), (3, 1, 1))
-    pixels = np.zeros((len(results), *shape), dtype=np.float32)  # a failed file's row stays zero
-    for k, r in enumerate(results):
-        if r.pixels is not None:
-            pixels[k] = r.pixels
-    return {
-        "i": batch["i"],
-        "ok": np.array([r.pixels is not None for r in results], dtype=bool),
-        "pixels": pixels,
-        "digest": np.array([r.content_hash.hex() if r.content_hash else "" for r in results], dtype=object),
-        "meta": np.array([json.dumps(asdict(r.meta)) if r.meta else "" for r in results], dtype=object),
-        "error": np.array([r.error or "" for r in results], dtype=object),
-        "fatal": np.array([""] * len(results), dtype=object),
-    }
-
-
-def _fatal(batch: dict[str, np.ndarray], why: str) -> dict[str, np.ndarray]:
-    """Rows that tell the driver to stop: an exception in our code on the cluster is a bug or a broken set-up
-    (a dying process is not: Ray retries it, see TASK_RETRIES), and must not pass as files that failed."""
-    n = len(batch["i"])
-    empty = np.array([""] * n, dtype=object)
-    return {"i": batch["i"], "ok": np.zeros(n, dtype=bool), "pixels": np.zeros((n, 3, 1, 1), dtype=np.float32),
-            "digest": empty, "meta": empty, "error": empty, "fatal": np.array([why] * n, dtype=object)}  # fmt: skip
-
-
-class _Encoder:
-    """An actor holding the image tower: embeds the decoded rows of a batch (pixels do not travel back)."""
-
-    def __init__(self, model: Any, device: str, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        import ray
-
-        if isinstance(model, ray.ObjectRef):  # a loaded model the driver put in the object store
-            model = ray.get(model)
-        if isinstance(model, (str, os.PathLike)):
-            from .encoder import load_model
-
-            model = load_model(model, device=device, parts=("image",))
-        self.model = model
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        ok = batch["ok"].astype(bool)
-        emb = np.zeros((len(ok), self.model.dim), dtype=np.float32)
-        out = {k: batch[k] for k in ("i", "ok", "digest", "meta", "error", "fatal")}
-        try:
-            if ok.any():
-                emb[ok] = self.model.encode_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-        except Exception as e:  # out of GPU memory, a broken model...: the driver stops the build
-            out["fatal"] = np.array([f"encoding failed: {type(e).__name__}: {e}"] * len(ok), dtype=object)
-        out["embedding"] = emb
-        return out
 
 
 # -- on the driver ---------------------------------------------------------------------------------------
@@ -183,21 +118,56 @@ def _plan(ray: Any, device: str, actors: int | None) -> tuple[int, dict[str, Any
     return n, {"num_cpus": actor_cpus}, task_cpus, "cpu", max(1, int(actor_cpus))
 
 
+def chunk_size(batch: int, chunk: int) -> int:
+    """Files per decode task: a divisor of the encoder's batch (at most `chunk`), so that whole decoded blocks
+    fill each batch exactly; else a block of 9 rows with batches of 8 runs a batch of 1 (measured: a 1-image
+    batch costs the CPU actor 0.3-0.8 s, about half a full batch)."""
+    return batch if batch <= chunk else math.gcd(batch, chunk)
+
+
 def _dataset(ray: Any, jobs: list[_Job], ids: list[int], spec: _Spec, model: Any, opts: _Options, batch: int,
              chunk: int, loader: Loader) -> Any:  # fmt: skip
     n, actor_args, task_cpus, device, threads = _plan(ray, opts.device, opts.ray_actors)
-    items = [{"i": i, "path": jobs[i].path} for i in ids]
-    blocks = max(1, min(len(items) // max(chunk, 1), 2000))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(_decode_batch, batch_size=chunk, batch_format="numpy", num_cpus=task_cpus,
+    per = chunk_size(batch, chunk)
+    # one input row per decode task (a list of `per` files): Ray splits items, not files, between blocks
+    items = [{"i": ids[k : k + per], "path": [jobs[i].path for i in ids[k : k + per]]}
+             for k in range(0, len(ids), per)]  # fmt: skip
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+    ds = ds.map_batches(decode_chunks, batch_size=1, batch_format="numpy", num_cpus=task_cpus,
                         max_retries=TASK_RETRIES,
                         fn_kwargs={"preprocessor": spec.preprocessor, "max_pixels": opts.max_pixels,
                                    "loader": loader})  # fmt: skip
     return ds.map_batches(
-        _Encoder, batch_size=batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n),
+        Encoder, batch_size=batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n),
         fn_constructor_kwargs={"model": model, "device": device, "threads": threads},
         max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES, **actor_args,
     )  # fmt: skip
+
+
+class _TracebackAsText(logging.Filter):
+    """Ray Data logs each failed block (we re-run its files) with exc_info: a handler that keeps records, as
+    pytest's log capture does, then keeps the traceback's frames, whose executor state holds the finished
+    dataset's actors alive with their CPUs, and the next dataset hangs for want of them (seen in
+    test_ray_bad_files_and_dead_workers). The record keeps the traceback as text instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            import traceback
+
+            record.exc_text = "".join(traceback.format_exception(*record.exc_info))
+            record.exc_info = None
+        return True
+
+
+@contextlib.contextmanager
+def _no_frames_in_logs() -> Iterator[None]:
+    logger = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    f = _TracebackAsText()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
 
 
 @contextlib.contextmanager
@@ -242,17 +212,24 @@ def _meta(text: str) -> FileMeta | None:
 
 
 def encode_on_ray(store: Store, report: BuildReport, model: Any, name: str, jobs: list[_Job], opts: _Options,
-                  loader: Loader = load_one) -> None:  # fmt: skip
+                  loader: Loader = load_one) -> list[_Job]:  # fmt: skip
     """Decode and encode `jobs` on Ray; commit the results here in batches, as `_run`'s local path does.
 
-    `loader` (default load_one) must be a module-level function importable on every node; tests pass one
-    that misbehaves on purpose.
+    Returns the videos, untouched, for the local path of the same build: a video is several sampled frames
+    (a parent row and frame rows), which the local path's batches already handle. `loader` (default
+    load_one) must be a module-level function importable on every node; tests pass one that misbehaves on
+    purpose.
     """
+    is_video = [media.kind_of(j.path) == media.VIDEO for j in jobs]  # as load_one decides (by name, else content)
+    videos = [j for j, v in zip(jobs, is_video, strict=True) if v]
+    jobs = [j for j, v in zip(jobs, is_video, strict=True) if not v]
+    if not jobs:
+        return videos
     batch_size = opts.batch_size if opts.batch_size is not None else default_batch_size(opts.device)
     b = _RayBuild(store, report, model, name, opts.device, batch_size, opts.progress)
     b.total = len(jobs)
     spec = b.model  # checks the index's dim against the model's before any work
-    with connected(opts.ray_address) as ray:
+    with connected(opts.ray_address) as ray, _no_frames_in_logs():
         ctx = ray.data.DataContext.get_current()
         saved = (ctx.max_errored_blocks, ctx.enable_progress_bars)
         ctx.max_errored_blocks, ctx.enable_progress_bars = -1, False  # a failed block: its files go again below
@@ -287,3 +264,4 @@ def encode_on_ray(store: Store, report: BuildReport, model: Any, name: str, jobs
             b.flush()
         finally:
             ctx.max_errored_blocks, ctx.enable_progress_bars = saved
+    return videos

@@ -120,3 +120,47 @@ def test_ray_bad_files_and_dead_workers(ray_cluster: str, local_build: tuple[Pat
     monkeypatch.setattr(ray_engine, "encode_on_ray", functools.partial(real, loader=exit_once_on_flaky_jpg))
     r = build(mine, index=index, device="cpu", engine="ray")
     assert (r.added, r.failed) == (1, 0) and (mine / "flaky.jpg.died").exists()
+
+
+def media_rows(index: Path) -> dict[tuple, tuple]:
+    """(relpath, t) -> what a build decides of every row, frame rows of videos included, embedding last."""
+    import sqlite3
+
+    con = sqlite3.connect(index / "index.db")
+    try:
+        got = con.execute(
+            "SELECT COALESCE(i.relpath, v.relpath), i.t, i.media, i.parent_id IS NOT NULL, i.raw_name, i.live_name, "
+            "i.width, i.height, i.format, i.duration, i.error, i.embedding "
+            "FROM images i LEFT JOIN images v ON v.id = i.parent_id"
+        ).fetchall()
+    finally:
+        con.close()
+    return {(bytes(r[0]), r[1]): r[2:] for r in got}
+
+
+def test_ray_build_indexes_videos_and_pairs_as_a_local_build(ray_cluster: str, tmp_path: Path,
+                                                            tiny_model_path_session: Path) -> None:  # fmt: skip
+    """Videos (decoded by this build's local path), RAW+JPEG pairs, Live Photos and a lone RAW (decoded on the
+    cluster) end as in a local build: the same rows, frame rows included, and embeddings to 1e-6."""
+    from fixture_images import FIXTURE_CLASSES, draw
+    from media_files import make_dng, make_video
+
+    photos = tmp_path / "photos"
+    make_photos(photos, 6, size=64)
+    make_video(photos / "trip.mp4", list(FIXTURE_CLASSES[:2]), seconds_each=1)
+    draw(FIXTURE_CLASSES[0], seed=5, size=64).save(photos / "IMG_1.JPG")
+    make_dng(photos / "IMG_1.DNG", draw(FIXTURE_CLASSES[0], seed=5, size=64))
+    draw(FIXTURE_CLASSES[1], seed=6, size=64).save(photos / "IMG_2.JPG")
+    make_video(photos / "IMG_2.MOV", [FIXTURE_CLASSES[1]], seconds_each=1)
+    make_dng(photos / "lone.dng", draw(FIXTURE_CLASSES[2], seed=7, size=96))
+    model = str(tiny_model_path_session)
+    local = build(photos, index=tmp_path / "local", model=model, workers=0, device="cpu", batch_size=BATCH)
+    r = build(photos, index=tmp_path / "ray", model=model, device="cpu", batch_size=BATCH, engine="ray")
+    assert (r.added, r.failed, r.encoded) == (local.added, local.failed, local.encoded) == (10, 0, 10)
+    got, expected = media_rows(tmp_path / "ray"), media_rows(tmp_path / "local")
+    assert got.keys() == expected.keys()
+    assert sum(1 for row in expected.values() if row[1]) >= 4  # the video's frame rows are there
+    for key, row in expected.items():
+        assert got[key][:-1] == row[:-1], key
+        a, b = (np.frombuffer(x, dtype=np.float16).astype(np.float32) for x in (got[key][-1], row[-1]))
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=str(key))
