@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from . import defaults, faiss_index
+from . import defaults, faiss_index, scoped
 from .errors import IndexNotFoundError, ModelMismatchError, QueryError, RuclipSearchError, StorageError
 from .filters import NO_FILTERS, SearchFilters, parse_when, validate_key, validate_name
 from .group_commit import GroupCommit
@@ -881,6 +881,12 @@ class Index:
         """Top-`want` (id, score) rows: the FAISS file and the recent segment merged (frames are rows too)."""
         segment = state.segment
         assert segment is not None
+        flat = scoped.FlatVectors.of(state.faiss) if allowed is not None and len(allowed) <= scoped.EXACT_MAX else None
+        if flat is not None:  # a small scope (one user's photos): exact over the IVF-Flat file's own vectors
+            pairs = scoped.top(flat, segment.tombs, query, want, allowed)
+            if len(segment.ids):
+                pairs += segment.search(query, want, allowed, exclude)
+            return sorted(pairs, key=lambda p: (-p[1], p[0]))[:want]
         pairs = self._search_main(state.faiss, segment.tombs, query, want, allowed, exclude,
                                   fetch=self.store.embeddings_or_nan)  # fmt: skip
         if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)
