@@ -465,3 +465,30 @@ def test_small_scopes_are_exact_over_the_ivf_files_own_vectors(idx: Index) -> No
     time.sleep(defaults.REFRESH_INTERVAL + 0.1)
     assert idx.search(queries[1], k=1, collections=["c3"])[0].key == "other"
     check()
+
+
+def test_the_recent_segment_ranks_exactly_at_any_size() -> None:
+    """_Segment.search scores big segments in place and keeps the top rows (ties at the cut included) before
+    sorting: the same ranking as sorting every live row, ties by id, with filters, exclusions, replaced and
+    deleted rows. (Halves make many ties, and exact sums in any order.)"""
+    from ruclip_search.search import _Segment
+
+    rng = np.random.default_rng(3)
+    ids = np.arange(1, 3001)
+    vecs = (np.round(2 * rng.normal(size=(3000, 8))) / 2).astype(np.float32)
+    seg = _Segment.empty(0, 8).apply(ids, vecs, np.zeros(0, dtype=np.int64), 1)
+    seg = seg.apply(ids[:500], np.ones((500, 8), dtype=np.float32), ids[500:700], 2)  # replaced, then deleted
+    current = {int(i): v for i, v in zip(ids, vecs, strict=True)} | {int(i): np.ones(8) for i in ids[:500]}
+    for i in ids[500:700]:
+        del current[int(i)]
+    for t in range(60):
+        q = (np.round(2 * rng.normal(size=(1, 8))) / 2).astype(np.float32)
+        want = int(rng.integers(1, 300))
+        allowed = None if t % 3 else np.sort(rng.choice(ids, 1000 if t % 2 else 100, replace=False))
+        exclude = set(rng.choice(ids, 3).tolist())
+        ok = set(allowed.tolist()) if allowed is not None else set(current)
+        truth = sorted(((i, float(v @ q[0])) for i, v in current.items() if i in ok and i not in exclude),
+                       key=lambda p: (-p[1], p[0]))[:want]  # fmt: skip
+        got = seg.search(q, want, allowed, exclude)
+        assert [i for i, _ in got] == [i for i, _ in truth], t
+        assert np.allclose([s for _, s in got], [s for _, s in truth], atol=1e-5)
