@@ -38,7 +38,11 @@ TRAIN_PER_LIST = 40  # k-means training vectors per IVF list
 MIN_ANN = 1000  # below this many vectors an IVF/IVF-PQ request builds an exact flat index instead
 RETRAIN_GROWTH = 4.0  # an IVF index is retrained once the collection has grown past this many times its training
 RERANK_STEPS = (20, 40, 80, 160, 320, 640, 1000)  # IVF-PQ candidates re-ranked on the stored vectors (tried)
-FETCH_COST = 500  # cost of re-ranking one candidate (a stored row read, ~10 us cached), in PQ codes scanned
+FETCH_NS = 10_000  # re-ranking one candidate: its stored row read from SQLite's page cache (~10 us)
+SCAN_NS_PER_BYTE = {4: 0.25, 8: 1.0}  # scanning one byte of PQ code, by bits per sub-quantizer (FastScan: SIMD)
+PQ_NBITS = 4  # IVF-PQ codes: 4-bit sub-quantizers scanned with SIMD (FastScan), several times faster than 8-bit
+PQ_DIMS_PER_CODE = 2  # dimensions per 4-bit sub-quantizer (192 bytes for 768-d): text-like queries' top scores
+# lie within a few hundredths, so 48-byte codes needed 1,000 re-ranked rows for recall 0.9 (tune_pq.py)
 MAX_IVFPQ_LISTS = 2048  # adding 8.4M 768-d vectors to 2048 lists took 12 min on 2 cores (bench_scale.py): no more
 KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time for no recall once nprobe is tuned
 
@@ -191,10 +195,10 @@ def _hnsw_of(index: faiss.Index) -> Any:
 
 
 def _pq_of(index: faiss.Index) -> Any:
-    """The IndexIVFPQ inside `index`, or None."""
+    """The IVF-PQ index inside `index` (FastScan, or the 8-bit IndexIVFPQ of older indexes), or None."""
     ivf = _ivf_of(index)
     ivf = faiss.downcast_index(ivf) if ivf is not None else None
-    return ivf if isinstance(ivf, faiss.IndexIVFPQ) else None
+    return ivf if isinstance(ivf, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)) else None
 
 
 @dataclass(frozen=True)
@@ -204,22 +208,24 @@ class Plan:
     kind: str
     nlist: int = 0
     m: int = 0
+    nbits: int = PQ_NBITS
 
     def memory(self, n: int, dim: int) -> int:
         """Bytes the index holds in memory for `n` vectors."""
         if self.kind == "ivfpq":
-            return n * (self.m + 8) + self.nlist * dim * 4
+            return n * (self.m * self.nbits // 8 + 8) + self.nlist * dim * 4
         if self.kind == "hnsw":
             return n * (dim * 4 + 32 * 2 * 4 + 8)
         return n * (dim * 4 + 8) + self.nlist * dim * 4
 
 
 def _pq_m(dim: int, n: int, budget: int) -> int:
-    """Sub-quantizers for IVF-PQ: about 16 dimensions each (48 bytes for 768-d; re-ranking on the stored vectors
-    recovers the precision), fewer when the codes would not fit the budget."""
-    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
-    m = max([d for d in divisors if d <= max(1, dim // 16)] or [1])
-    while n * (m + 8) > budget and m > 1:
+    """4-bit sub-quantizers for IVF-PQ: one per PQ_DIMS_PER_CODE dimensions (192 bytes for 768-d, so that a
+    few hundred re-ranked rows reach the recall bar), fewer when the codes would not fit the budget. FastScan
+    needs an even count."""
+    divisors = [m for m in range(2, dim + 1, 2) if dim % m == 0] or [dim]
+    m = max([d for d in divisors if d <= max(2, dim // PQ_DIMS_PER_CODE)] or [divisors[0]])
+    while n * (m * PQ_NBITS // 8 + 8) > budget and m > divisors[0]:
         m = max(d for d in divisors if d < m)
     return m
 
@@ -266,7 +272,9 @@ def _empty_index(p: Plan, dim: int) -> faiss.Index:
     if p.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, p.nlist, metric)
     else:
-        index = faiss.IndexIVFPQ(quantizer, dim, p.nlist, p.m, 8, metric)
+        # Inner product for the lists too: L2 lists (which would let FastScan code residuals) lose text-like
+        # queries' neighbours, since a query far from every image is nearest to the loosest clusters' centroids
+        index = faiss.IndexIVFPQFastScan(quantizer, dim, p.nlist, p.m, p.nbits, metric)
     index.cp.niter = KMEANS_ITERATIONS
     index.own_fields = True
     quantizer.this.disown()
@@ -433,13 +441,14 @@ def _fetch_rows(fetch: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, dim:
 def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarray, target: float,
              fetch: Callable[[np.ndarray], np.ndarray]) -> tuple[float, dict]:  # fmt: skip
     """IVF-PQ: for nprobe = nlist/64, doubled, the recall of re-ranking the top R PQ candidates for each R in
-    RERANK_STEPS; the cheapest sufficient (nprobe, R) by scanned codes + FETCH_COST per re-ranked row.
+    RERANK_STEPS; the cheapest sufficient (nprobe, R) by the time of scanning codes and reading R rows.
 
     Text-like queries never reach the bar at 1/64 of the lists, so the search starts there; stored vectors
     are read once (cached across steps) and only as deep as the R being tried: at 10M they come from disk."""
     k = truth.shape[1]
     n, nlist = max(1, index.ntotal), int(ivf.nlist)
     depth = min(RERANK_STEPS[-1], n)
+    scan_ns = ivf.code_size * SCAN_NS_PER_BYTE.get(int(ivf.pq.nbits), 1.0)
     cache: dict[int, np.ndarray] = {}
 
     def rows(ids: np.ndarray) -> np.ndarray:  # (Q, R) candidate ids -> (Q, R, D) stored vectors
@@ -462,7 +471,7 @@ def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarra
             if recall > fallback[0]:
                 fallback = (recall, nprobe, r)
             if recall >= target:
-                options.append((nprobe * n / nlist * ivf.pq.M / 48 + FETCH_COST * r, recall, nprobe, r))
+                options.append((nprobe * n / nlist * scan_ns + FETCH_NS * r, recall, nprobe, r))
                 break
         log.info("nprobe %d: best recall@10 %.4f", nprobe, max(fallback[0], options[-1][1] if options else 0))
         after += bool(options)
