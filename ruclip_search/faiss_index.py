@@ -44,6 +44,8 @@ PQ_NBITS = 4  # IVF-PQ codes: 4-bit sub-quantizers scanned with SIMD (FastScan),
 PQ_DIMS_PER_CODE = 2  # dimensions per 4-bit sub-quantizer (192 bytes for 768-d): text-like queries' top scores
 # lie within a few hundredths, so 48-byte codes needed 1,000 re-ranked rows for recall 0.9 (tune_pq.py)
 MAX_IVFPQ_LISTS = 2048  # adding 8.4M 768-d vectors to 2048 lists took 12 min on 2 cores (bench_scale.py): no more
+PROBE_QUERIES = 100  # held-out text-like queries whose exact top-10 an IVF index keeps: folds measure its recall
+PROBE_MIN = 30  # a fold measures recall only while this many of them still have a known exact top-10
 KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time for no recall once nprobe is tuned
 
 
@@ -333,18 +335,21 @@ def build(
     if p.kind in ("ivf", "ivfpq") and n:
         _train(index, sample)
         log.info("trained in %.1f s", time.perf_counter() - t0)
-    truth = None
+    truth = probe = None
     if p.kind != "flat" and n:
-        queries = text_like_queries(_topics(sample, index, 0), RECALL_SAMPLE if n <= LARGE else RECALL_SAMPLE * 2 // 5)
-        truth = _TopK(queries, min(10, n))
+        topics = _topics(sample, index, 0)
+        truth = _TopK(text_like_queries(topics, RECALL_SAMPLE if n <= LARGE else RECALL_SAMPLE * 2 // 5), min(10, n))
+        if p.kind in ("ivf", "ivfpq"):  # other queries than tuning's, kept with the index (see fold_probe)
+            probe = _TopK(text_like_queries(topics, PROBE_QUERIES, seed=1), min(10, n))
     del sample
     added = 0
     for ids, vectors in source.chunks():
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         index.add_with_ids(vectors, ids)
-        if truth is not None:
-            truth.add(ids, vectors)
+        for top in (truth, probe):
+            if top is not None:
+                top.add(ids, vectors)
         added += len(ids)
         if progress is not None:
             progress(added, n)
@@ -356,6 +361,12 @@ def build(
         log.info("tuned in %.1f s: recall@10 %.4f at %s", time.perf_counter() - t0, recall, params)
     info = {"type": p.kind, "n": int(index.ntotal), "dim": dim, "recall_at_10": round(float(recall), 4),
             "params": params, "trained_n": int(index.ntotal)}  # fmt: skip
+    if probe is not None:
+        found = search(index, probe.q, probe.k, fetch=source.fetch)[1]
+        info["probe_recall"] = round(_recall(found, probe.ids), 4)
+        info["recall_probe"] = {"seed": 1, "ids": probe.ids.tolist(), "scores": probe.scores.tolist(),
+                                "valid": [True] * len(probe.q)}  # fmt: skip
+        log.info("held-out recall@10 %.4f", info["probe_recall"])
     return index, info
 
 
@@ -500,6 +511,26 @@ def update(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, gone: np.nd
     for s in range(0, len(ids), 50_000):
         index.add_with_ids(np.ascontiguousarray(vectors[s : s + 50_000], dtype=np.float32), ids[s : s + 50_000])
     return index
+
+
+def fold_probe(index: faiss.Index, probe: dict[str, Any], ids: np.ndarray, vectors: np.ndarray, gone: np.ndarray,
+               fetch: Callable[[np.ndarray], np.ndarray] | None) -> tuple[float | None, dict[str, Any]]:  # fmt: skip
+    """After `update`: the recall@10 of `index` on its kept held-out queries (`probe`, from `build`) and the probe
+    brought up to date: the exact top-10 takes the added vectors in (cheap: only they are scored); a query
+    whose top-10 held a changed or removed id no longer has a known top-10 and is left out from then on.
+    The recall is None once fewer than PROBE_MIN queries are left (then only growth triggers a retrain)."""
+    top_ids = np.asarray(probe["ids"], dtype=np.int64).reshape(len(probe["ids"]), -1)
+    queries = text_like_queries(_topics(np.zeros((0, index.d), np.float32), index, 0), len(top_ids), probe["seed"])
+    top = _TopK(queries, top_ids.shape[1])
+    top.ids, top.scores = top_ids, np.asarray(probe["scores"], dtype=np.float32).reshape(top_ids.shape)
+    touched = np.union1d(np.asarray(ids, dtype=np.int64), np.asarray(gone, dtype=np.int64))
+    valid = np.asarray(probe["valid"], dtype=bool) & ~np.isin(top.ids, touched).any(axis=1)
+    top.add(np.asarray(ids, dtype=np.int64), np.ascontiguousarray(vectors, dtype=np.float32))
+    out = {"seed": probe["seed"], "ids": top.ids.tolist(), "scores": top.scores.tolist(), "valid": valid.tolist()}
+    if valid.sum() < PROBE_MIN:
+        return None, out
+    found = search(index, queries[valid], top.k, fetch=fetch)[1]
+    return _recall(found, top.ids[valid]), out
 
 
 def needs_retrain(info_type: str | None, trained_n: int, n: int) -> bool:
