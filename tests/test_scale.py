@@ -263,3 +263,24 @@ def test_a_fold_measures_recall_on_the_kept_queries_and_retrains_under_the_bar(
     put(store, vectors(30, seed=13)[0], 5000)
     info = write_faiss(store)
     assert info["retrained"] and info["trained_n"] == info["n"]
+
+
+def test_reranking_reads_rows_by_id_on_both_databases(tmp_path: Path, db: str | None) -> None:
+    """`embeddings_or_nan` (what IVF-PQ re-ranking reads per query): the vectors in the asked order, NaN rows for
+    deleted and unknown ids, from a reader on SQLite (its kept connection) and on PostgreSQL, and it sees
+    writes made after its first use."""
+    with Store.create(tmp_path / "idx", db=db) as writer:
+        with writer.transaction() as conn:
+            writer.set_model(conn, "m", DIM)
+        vecs, _ = vectors(50, seed=21)
+        ids = put(writer, vecs)
+        writer.delete_keys(["p3"])
+        with Store.open(tmp_path / "idx", db=db) as reader:
+            ask = [ids[7], ids[3], 10**9, ids[0], ids[7]]
+            got = reader.embeddings_or_nan(ask)
+            assert got.shape == (5, DIM) and got.dtype == np.float32
+            assert np.isnan(got[[1, 2]]).all() and not np.isnan(got[[0, 3, 4]]).any()
+            np.testing.assert_allclose(got[[0, 3, 4]], vecs[[7, 0, 7]], atol=1e-3)
+            assert reader.embeddings_or_nan([]).shape == (0, DIM)
+            writer.delete_keys(["p7"])
+            assert np.isnan(reader.embeddings_or_nan([ids[7]])).all()
