@@ -87,6 +87,12 @@ images_table = sa.Table(
         sqlite_where=sa.text("parent_id IS NOT NULL"),
         postgresql_where=sa.text("parent_id IS NOT NULL"),
     ),  # fmt: skip
+    sa.Index(  # m006: `has_videos` (asked by every search) without a table scan
+        "ix_images_media",
+        "media",
+        sqlite_where=sa.text("media IS NOT NULL"),
+        postgresql_where=sa.text("media IS NOT NULL"),
+    ),  # fmt: skip
     sqlite_autoincrement=True,  # ids are FAISS ids: never reuse the id of a deleted row
 )
 labels_table = sa.Table(
@@ -189,6 +195,12 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
             "ALTER TABLE images ADD COLUMN live_name BLOB",
             "CREATE INDEX ix_images_parent ON images (parent_id) WHERE parent_id IS NOT NULL",
         ],
+    ),
+    (
+        # Every search asks whether any video is stored (`has_videos`): without an index that was a full table
+        # scan (1.05 s per search at 1M photos). Partial: photos (NULL) take no room; `media = ?` implies it.
+        "m006_media_index",
+        ["CREATE INDEX ix_images_media ON images (media) WHERE media IS NOT NULL"],
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
