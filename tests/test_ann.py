@@ -84,7 +84,7 @@ def inner_type(index: faiss.Index) -> type:
     return type(index)
 
 
-EXPECTED_TYPE = {"ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQ, "hnsw": faiss.IndexHNSWFlat}
+EXPECTED_TYPE = {"ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQFastScan, "hnsw": faiss.IndexHNSWFlat}
 
 
 def test_queries_are_text_like(data) -> None:
@@ -145,7 +145,8 @@ def test_type_and_tuned_recall(built, kind: str) -> None:
 def test_ivfpq_compresses(built) -> None:
     index, _, _ = built["ivfpq"]
     pq = faiss.downcast_index(index)
-    assert pq.code_size == pq.pq.M == PQ_DIM // 16  # about 16 dimensions per sub-quantizer, 8-bit codes
+    # 4-bit sub-quantizers (FastScan), one per 2 dimensions: a byte per 4 dimensions
+    assert (pq.pq.M, pq.pq.nbits, pq.code_size) == (PQ_DIM // 2, 4, PQ_DIM // 4)
 
 
 # -- searching with text-like queries ---------------------------------------------------------------
@@ -298,10 +299,12 @@ def test_auto_picks_by_count_and_memory_budget() -> None:
     assert faiss_index.choose_kind(2_000_000, dim=512, memory_budget=8 * gib) == "ivf"
     assert faiss_index.choose_kind(faiss_index.IVF_MAX + 1, dim=64, memory_budget=64 * gib) == "ivfpq"
     p = faiss_index.plan(10_000_000, 768)
-    assert (p.kind, p.m) == ("ivfpq", 48) and p.memory(10_000_000, 768) < faiss_index.defaults.MEMORY_BUDGET
+    assert (p.kind, p.m, p.nbits) == ("ivfpq", 384, 4)  # 192-byte codes: 2 GB at 10M, inside the 4 GB budget
+    assert p.memory(10_000_000, 768) < faiss_index.defaults.MEMORY_BUDGET
     assert p.nlist == faiss_index.MAX_IVFPQ_LISTS
     small = faiss_index.plan(10_000_000, 768, memory_budget=300 * 1024**2)  # codes shrink to fit
-    assert small.kind == "ivfpq" and small.m < 48 and 10_000_000 * (small.m + 8) <= 300 * 1024**2
+    assert small.kind == "ivfpq" and small.m < 384 and small.m % 2 == 0
+    assert 10_000_000 * (small.m // 2 + 8) <= 300 * 1024**2
     assert faiss_index.plan(500, 768, "ivfpq").kind == "flat"
     assert faiss_index.parse_bytes("4G") == 4 * gib and faiss_index.parse_bytes("500m") == 500 * 1024**2
     assert faiss_index.parse_bytes("2.5GB") == int(2.5 * gib) and faiss_index.parse_bytes("1024") == 1024
