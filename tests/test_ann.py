@@ -407,3 +407,22 @@ def test_search_falls_back_to_exact_when_filtered_ann_misses(tmp_path: Path) -> 
         by_id = dict(zip(real_ids.tolist(), real_vecs, strict=True))
         for h in hits:
             assert abs(h.score - float(by_id[h.id] @ query)) < 1e-3
+
+
+def test_tuning_queries_come_in_two_kinds_and_each_must_reach_the_bar(data) -> None:
+    """faiss_index's tuning queries alternate a topic-plus-noise kind (even rows) with queries across a modality
+    gap (odd rows: one shared text axis), both far from every vector; recall is the lower of the two kinds'."""
+    vecs, _, _ = data
+    _, centres = clustered()
+    q = faiss_index.text_like_queries(centres, 200, seed=3)
+    top = (q @ vecs.T).max(axis=1)
+    assert 0.1 <= np.median(top[0::2]) <= 0.5 and 0.1 <= np.median(top[1::2]) <= 0.7  # (0.2-0.35 at 768-d)
+    shared = np.linalg.norm(q[1::2].mean(axis=0)), np.linalg.norm(q[0::2].mean(axis=0))
+    assert shared[0] > 0.7 > 0.4 > shared[1]  # the odd rows share one axis; the even ones only the topics' mean
+    axis, again = q[1::2].mean(axis=0), faiss_index.text_like_queries(centres, 50, seed=9)[1::2].mean(axis=0)
+    assert axis @ again / np.linalg.norm(axis) / np.linalg.norm(again) > 0.9  # the same text axis for every seed
+    truth = np.arange(40).reshape(4, 10)
+    found = truth.copy()
+    found[1::2] = -1  # every odd query misses: half of all hits, but its kind gets none
+    assert faiss_index._recall(found, truth) == 0.0 and faiss_index._recall(truth, truth) == 1.0
+    assert faiss_index._recall(found[[0, 2]], truth[[0, 2]], np.array([0, 2])) == 1.0  # rows keep their kind
