@@ -444,11 +444,17 @@ def watch(photos_dir: tuple[Path, ...], index: Path | None, model: str | None, d
               help="Keep the first --index up to date with DIR's files as they change (repeatable).")  # fmt: skip
 @click.option("--db", "dbs", multiple=True, metavar="URL", envvar="RUCLIP_SEARCH_DB",
               help=DB_HELP + " Repeat it once per --index (in the same order) to serve several.")  # fmt: skip
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="Log every request (a line per write costs CPU under a photo app's write load).",
+)
 @model_option
 @device_option
 def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, cors_origins: tuple[str, ...],
           write_token: str | None, allow_roots: tuple[Path, ...], watch_dirs: tuple[Path, ...],
-          dbs: tuple[str, ...], model: str | None, device: str) -> None:  # fmt: skip
+          dbs: tuple[str, ...], access_log: bool, model: str | None, device: str) -> None:  # fmt: skip
     """Serve indexes over HTTP: JSON API (docs at /docs) and a search page at /.
 
     Examples:
@@ -481,7 +487,7 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
     try:
         run_server(list(indexes), host=host, port=port, token=token or None, cors_origins=cors_origins, model=model,
                    device=device, write_token=write_token or None, allow_roots=allow_roots,
-                   db=list(dbs) if len(dbs) > 1 else (dbs[0] if dbs else None))  # fmt: skip
+                   db=list(dbs) if len(dbs) > 1 else (dbs[0] if dbs else None), access_log=access_log)  # fmt: skip
     finally:
         if watcher is not None:
             watcher.stop()

@@ -38,8 +38,14 @@ TRAIN_PER_LIST = 40  # k-means training vectors per IVF list
 MIN_ANN = 1000  # below this many vectors an IVF/IVF-PQ request builds an exact flat index instead
 RETRAIN_GROWTH = 4.0  # an IVF index is retrained once the collection has grown past this many times its training
 RERANK_STEPS = (20, 40, 80, 160, 320, 640, 1000)  # IVF-PQ candidates re-ranked on the stored vectors (tried)
-FETCH_COST = 500  # cost of re-ranking one candidate (a stored row read, ~10 us cached), in PQ codes scanned
+FETCH_NS = 20_000  # re-ranking one candidate: its stored row read from the page cache and scored (13-20 us)
+SCAN_NS_PER_BYTE = {4: 0.25, 8: 1.0}  # scanning one byte of PQ code, by bits per sub-quantizer (FastScan: SIMD)
+PQ_NBITS = 4  # IVF-PQ codes: 4-bit sub-quantizers scanned with SIMD (FastScan), several times faster than 8-bit
+PQ_DIMS_PER_CODE = 2  # dimensions per 4-bit sub-quantizer (192 bytes for 768-d): text-like queries' top scores
+# lie within a few hundredths, so 48-byte codes needed 1,000 re-ranked rows for recall 0.9 (tune_pq.py)
 MAX_IVFPQ_LISTS = 2048  # adding 8.4M 768-d vectors to 2048 lists took 12 min on 2 cores (bench_scale.py): no more
+PROBE_QUERIES = 100  # held-out text-like queries whose exact top-10 an IVF index keeps: folds measure its recall
+PROBE_MIN = 30  # a fold measures recall only while this many of them still have a known exact top-10
 KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time for no recall once nprobe is tuned
 
 
@@ -134,14 +140,28 @@ class _TopK:
 
 
 def text_like_queries(topics: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """Queries that sit where text queries do: near a topic direction (an IVF centroid) but far from every
-    image vector (weight 0.25-0.5 on the topic plus isotropic noise of norm 1: best cosine about 0.2-0.4), so
-    tuning meets the bar for real queries, not only for copies of indexed vectors (which are much easier)."""
+    """Queries that sit where text queries do, far from every image vector (best cosine about 0.2-0.4), in two
+    kinds that alternate by row (even, odd), since each is hard for other indexes (tuning asks the bar of both):
+    - near a topic direction (an IVF centroid), weight 0.25-0.5, plus isotropic noise of norm 1;
+    - across CLIP's modality gap: mostly along one text axis (orthogonal to the images' mean direction) shared
+      by all of them, with a topic (a centroid's deviation from the images' mean) and noise. On CLIP-like data
+      the first kind alone was easier: tuned to 0.965 on it, IVF-PQ gave 0.95 on these (tune_pq.py, 1M).
+    Tuning on them meets the bar for real queries, not only for copies of indexed vectors (much easier)."""
     rng = np.random.default_rng(seed)
     dim = topics.shape[1]
     unit = topics / np.maximum(np.linalg.norm(topics, axis=1, keepdims=True), 1e-12)
     weight = rng.uniform(0.25, 0.5, size=(n, 1))
-    q = unit[rng.integers(len(unit), size=n)] * weight + rng.normal(scale=1.0 / math.sqrt(dim), size=(n, dim))
+    near = unit[rng.integers(len(unit), size=n)] * weight + rng.normal(scale=1.0 / math.sqrt(dim), size=(n, dim))
+    axis = unit.mean(axis=0)
+    axis /= max(float(np.linalg.norm(axis)), 1e-12)
+    own = unit - (unit @ axis)[:, None] * axis
+    own /= np.maximum(np.linalg.norm(own, axis=1, keepdims=True), 1e-12)
+    gap = np.random.default_rng(0).normal(size=dim)  # one text axis for every seed, as all text queries share one
+    gap -= (gap @ axis) * axis
+    gap /= max(float(np.linalg.norm(gap)), 1e-12)
+    noise = rng.normal(scale=1.0 / math.sqrt(dim), size=(n, dim))
+    across = 0.9 * gap + 0.12 * axis + 0.3 * own[rng.integers(len(unit), size=n)] + 0.55 * noise
+    q = np.where((np.arange(n) % 2 == 0)[:, None], near, across)
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -172,10 +192,13 @@ def recall_at_k(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, k: int
     return _recall(found, truth)
 
 
-def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+def _recall(found: np.ndarray, truth: np.ndarray, rows: np.ndarray | None = None) -> float:
+    """Recall@k of text-like queries: the lower of its two kinds' (even and odd `rows` of text_like_queries)."""
     k = truth.shape[1]
-    hits = sum(len(set(t.tolist()) & set(f[:k].tolist())) for t, f in zip(truth, found, strict=True))
-    return hits / max(1, len(truth) * k)
+    kind = (np.arange(len(truth)) if rows is None else np.asarray(rows)) % 2
+    hits = np.array([len(set(t.tolist()) & set(f[:k].tolist())) for t, f in zip(truth, found, strict=True)])
+    return min((float(hits[kind == c].sum()) / (int((kind == c).sum()) * k) for c in (0, 1) if (kind == c).any()),
+               default=1.0)  # fmt: skip
 
 
 def _ivf_of(index: faiss.Index) -> Any:
@@ -191,10 +214,10 @@ def _hnsw_of(index: faiss.Index) -> Any:
 
 
 def _pq_of(index: faiss.Index) -> Any:
-    """The IndexIVFPQ inside `index`, or None."""
+    """The IVF-PQ index inside `index` (FastScan, or the 8-bit IndexIVFPQ of older indexes), or None."""
     ivf = _ivf_of(index)
     ivf = faiss.downcast_index(ivf) if ivf is not None else None
-    return ivf if isinstance(ivf, faiss.IndexIVFPQ) else None
+    return ivf if isinstance(ivf, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)) else None
 
 
 @dataclass(frozen=True)
@@ -204,22 +227,24 @@ class Plan:
     kind: str
     nlist: int = 0
     m: int = 0
+    nbits: int = PQ_NBITS
 
     def memory(self, n: int, dim: int) -> int:
         """Bytes the index holds in memory for `n` vectors."""
         if self.kind == "ivfpq":
-            return n * (self.m + 8) + self.nlist * dim * 4
+            return n * (self.m * self.nbits // 8 + 8) + self.nlist * dim * 4
         if self.kind == "hnsw":
             return n * (dim * 4 + 32 * 2 * 4 + 8)
         return n * (dim * 4 + 8) + self.nlist * dim * 4
 
 
 def _pq_m(dim: int, n: int, budget: int) -> int:
-    """Sub-quantizers for IVF-PQ: about 16 dimensions each (48 bytes for 768-d; re-ranking on the stored vectors
-    recovers the precision), fewer when the codes would not fit the budget."""
-    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
-    m = max([d for d in divisors if d <= max(1, dim // 16)] or [1])
-    while n * (m + 8) > budget and m > 1:
+    """4-bit sub-quantizers for IVF-PQ: one per PQ_DIMS_PER_CODE dimensions (192 bytes for 768-d, so that a
+    few hundred re-ranked rows reach the recall bar), fewer when the codes would not fit the budget. FastScan
+    needs an even count."""
+    divisors = [m for m in range(2, dim + 1, 2) if dim % m == 0] or [dim]
+    m = max([d for d in divisors if d <= max(2, dim // PQ_DIMS_PER_CODE)] or [divisors[0]])
+    while n * (m * PQ_NBITS // 8 + 8) > budget and m > divisors[0]:
         m = max(d for d in divisors if d < m)
     return m
 
@@ -266,7 +291,9 @@ def _empty_index(p: Plan, dim: int) -> faiss.Index:
     if p.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, p.nlist, metric)
     else:
-        index = faiss.IndexIVFPQ(quantizer, dim, p.nlist, p.m, 8, metric)
+        # Inner product for the lists too: L2 lists (which would let FastScan code residuals) lose text-like
+        # queries' neighbours, since a query far from every image is nearest to the loosest clusters' centroids
+        index = faiss.IndexIVFPQFastScan(quantizer, dim, p.nlist, p.m, p.nbits, metric)
     index.cp.niter = KMEANS_ITERATIONS
     index.own_fields = True
     quantizer.this.disown()
@@ -325,18 +352,21 @@ def build(
     if p.kind in ("ivf", "ivfpq") and n:
         _train(index, sample)
         log.info("trained in %.1f s", time.perf_counter() - t0)
-    truth = None
+    truth = probe = None
     if p.kind != "flat" and n:
-        queries = text_like_queries(_topics(sample, index, 0), RECALL_SAMPLE if n <= LARGE else RECALL_SAMPLE * 2 // 5)
-        truth = _TopK(queries, min(10, n))
+        topics = _topics(sample, index, 0)
+        truth = _TopK(text_like_queries(topics, RECALL_SAMPLE if n <= LARGE else RECALL_SAMPLE * 2 // 5), min(10, n))
+        if p.kind in ("ivf", "ivfpq"):  # other queries than tuning's, kept with the index (see fold_probe)
+            probe = _TopK(text_like_queries(topics, PROBE_QUERIES, seed=1), min(10, n))
     del sample
     added = 0
     for ids, vectors in source.chunks():
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         index.add_with_ids(vectors, ids)
-        if truth is not None:
-            truth.add(ids, vectors)
+        for top in (truth, probe):
+            if top is not None:
+                top.add(ids, vectors)
         added += len(ids)
         if progress is not None:
             progress(added, n)
@@ -348,6 +378,12 @@ def build(
         log.info("tuned in %.1f s: recall@10 %.4f at %s", time.perf_counter() - t0, recall, params)
     info = {"type": p.kind, "n": int(index.ntotal), "dim": dim, "recall_at_10": round(float(recall), 4),
             "params": params, "trained_n": int(index.ntotal)}  # fmt: skip
+    if probe is not None:
+        found = search(index, probe.q, probe.k, fetch=source.fetch)[1]
+        info["probe_recall"] = round(_recall(found, probe.ids), 4)
+        info["recall_probe"] = {"seed": 1, "ids": probe.ids.tolist(), "scores": probe.scores.tolist(),
+                                "valid": [True] * len(probe.q)}  # fmt: skip
+        log.info("held-out recall@10 %.4f", info["probe_recall"])
     return index, info
 
 
@@ -433,13 +469,14 @@ def _fetch_rows(fetch: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, dim:
 def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarray, target: float,
              fetch: Callable[[np.ndarray], np.ndarray]) -> tuple[float, dict]:  # fmt: skip
     """IVF-PQ: for nprobe = nlist/64, doubled, the recall of re-ranking the top R PQ candidates for each R in
-    RERANK_STEPS; the cheapest sufficient (nprobe, R) by scanned codes + FETCH_COST per re-ranked row.
+    RERANK_STEPS; the cheapest sufficient (nprobe, R) by the time of scanning codes and reading R rows.
 
     Text-like queries never reach the bar at 1/64 of the lists, so the search starts there; stored vectors
     are read once (cached across steps) and only as deep as the R being tried: at 10M they come from disk."""
     k = truth.shape[1]
     n, nlist = max(1, index.ntotal), int(ivf.nlist)
     depth = min(RERANK_STEPS[-1], n)
+    scan_ns = ivf.code_size * SCAN_NS_PER_BYTE.get(int(ivf.pq.nbits), 1.0)
     cache: dict[int, np.ndarray] = {}
 
     def rows(ids: np.ndarray) -> np.ndarray:  # (Q, R) candidate ids -> (Q, R, D) stored vectors
@@ -462,7 +499,7 @@ def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarra
             if recall > fallback[0]:
                 fallback = (recall, nprobe, r)
             if recall >= target:
-                options.append((nprobe * n / nlist * ivf.pq.M / 48 + FETCH_COST * r, recall, nprobe, r))
+                options.append((nprobe * n / nlist * scan_ns + FETCH_NS * r, recall, nprobe, r))
                 break
         log.info("nprobe %d: best recall@10 %.4f", nprobe, max(fallback[0], options[-1][1] if options else 0))
         after += bool(options)
@@ -491,6 +528,26 @@ def update(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, gone: np.nd
     for s in range(0, len(ids), 50_000):
         index.add_with_ids(np.ascontiguousarray(vectors[s : s + 50_000], dtype=np.float32), ids[s : s + 50_000])
     return index
+
+
+def fold_probe(index: faiss.Index, probe: dict[str, Any], ids: np.ndarray, vectors: np.ndarray, gone: np.ndarray,
+               fetch: Callable[[np.ndarray], np.ndarray] | None) -> tuple[float | None, dict[str, Any]]:  # fmt: skip
+    """After `update`: the recall@10 of `index` on its kept held-out queries (`probe`, from `build`) and the probe
+    brought up to date: the exact top-10 takes the added vectors in (cheap: only they are scored); a query
+    whose top-10 held a changed or removed id no longer has a known top-10 and is left out from then on.
+    The recall is None once fewer than PROBE_MIN queries are left (then only growth triggers a retrain)."""
+    top_ids = np.asarray(probe["ids"], dtype=np.int64).reshape(len(probe["ids"]), -1)
+    queries = text_like_queries(_topics(np.zeros((0, index.d), np.float32), index, 0), len(top_ids), probe["seed"])
+    top = _TopK(queries, top_ids.shape[1])
+    top.ids, top.scores = top_ids, np.asarray(probe["scores"], dtype=np.float32).reshape(top_ids.shape)
+    touched = np.union1d(np.asarray(ids, dtype=np.int64), np.asarray(gone, dtype=np.int64))
+    valid = np.asarray(probe["valid"], dtype=bool) & ~np.isin(top.ids, touched).any(axis=1)
+    top.add(np.asarray(ids, dtype=np.int64), np.ascontiguousarray(vectors, dtype=np.float32))
+    out = {"seed": probe["seed"], "ids": top.ids.tolist(), "scores": top.scores.tolist(), "valid": valid.tolist()}
+    if valid.sum() < PROBE_MIN:
+        return None, out
+    found = search(index, queries[valid], top.k, fetch=fetch)[1]
+    return _recall(found, top.ids[valid], np.flatnonzero(valid)), out
 
 
 def needs_retrain(info_type: str | None, trained_n: int, n: int) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -24,6 +25,8 @@ from .errors import ModelMismatchError, RuclipSearchError, StorageError
 from .loader import MAIN_GUARD_HINT, FileMeta, Loaded, _Decoder, hash_file
 from .store import DB_NAME, ImageWrite, IndexLock, ScanRow, Store, encode_embedding
 from .walk import walk, walk_paths
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -283,6 +286,9 @@ def write_faiss(
         faiss_data_version=str(data_version), index_count=str(info["n"]), faiss_seq=str(seq),
         index_trained_n=str(info["trained_n"]),
     )  # fmt: skip
+    if info.get("recall_probe") is not None or info["retrained"]:
+        probe = info.get("recall_probe")
+        store.set_meta(recall_probe=json.dumps(probe) if probe is not None else None)
     if old and old != name:
         try:
             (store.dir / old).unlink()
@@ -321,6 +327,14 @@ def _fold_changes(store: Store, kind: str, budget: int | None) -> tuple[Any, dic
         return None
     info = {"type": kind_now, "n": int(index.ntotal), "dim": dim, "recall_at_10": float(meta.get("recall_at_10") or 0),
             "params": params, "trained_n": trained_n, "folded": int(len(ids) + len(gone)), "retrained": False}  # fmt: skip
+    if meta.get("recall_probe"):  # the recall on the kept held-out queries, after the fold: under the bar, retrain
+        measured, info["recall_probe"] = faiss_index.fold_probe(
+            index, json.loads(meta["recall_probe"]), ids, vectors, gone, store.embeddings_or_nan
+        )
+        info["probe_recall"] = None if measured is None else round(measured, 4)
+        if measured is not None and measured < faiss_index.MIN_RECALL:
+            log.info("recall@10 on the held-out queries fell to %.4f after the fold: retraining", measured)
+            return None
     return index, info, seq
 
 

@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from . import defaults, faiss_index
+from . import defaults, faiss_index, scoped
 from .errors import IndexNotFoundError, ModelMismatchError, QueryError, RuclipSearchError, StorageError
 from .filters import NO_FILTERS, SearchFilters, parse_when, validate_key, validate_name
 from .group_commit import GroupCommit
@@ -363,12 +363,18 @@ class _Segment:
         """A new snapshot with `ids` now holding `vecs` and `gone` deleted (only the latest snapshot may apply)."""
         ids = np.asarray(ids, dtype=np.int64)
         touched = np.union1d(ids, np.asarray(gone, dtype=np.int64))
+        # A write group touches a few ids; the segment holds up to SEGMENT_MAX. Sorted merges (searchsorted), not
+        # union1d/isin over the whole segment: those re-sorted it per group (a third of a write's CPU in py-spy).
+        at = np.searchsorted(self.tombs, touched)
+        known = at < len(self.tombs)
+        known[known] = self.tombs[at[known]] == touched[known]
         live = self.live.copy()
-        if len(touched) and len(self.ids):
-            live[np.isin(self.ids, touched)] = False
+        if known.any() and len(self.ids):  # only an id already changed since the FAISS file can have live rows
+            live[np.isin(self.ids, touched[known])] = False
+        tombs = np.insert(self.tombs, at[~known], touched[~known]) if (~known).any() else self.tombs
         all_ids, all_vecs = self.rows.append(ids, vecs) if len(ids) else (self.ids, self.vecs)
         live = np.concatenate([live, np.ones(len(ids), dtype=bool)])
-        return _Segment(max(seq, self.seq), all_ids, all_vecs, live, np.union1d(self.tombs, touched), self.rows)
+        return _Segment(max(seq, self.seq), all_ids, all_vecs, live, tombs, self.rows)
 
     def search(self, query: np.ndarray, want: int, allowed: np.ndarray | None,
                exclude: set[int]) -> list[tuple[int, float]]:  # fmt: skip
@@ -382,7 +388,16 @@ class _Segment:
         if len(rows) == 0:
             return []
         ids = self.ids[rows]
-        scores = _matmul(self.vecs[rows], query[0]) if len(rows) > 64 else self.vecs[rows] @ query[0]
+        if len(rows) <= 64:
+            scores = self.vecs[rows] @ query[0]
+        elif 4 * len(rows) < len(self.ids):  # a few rows pass the filter: gather them
+            scores = _matmul(self.vecs[rows], query[0])
+        else:  # score every row in place: gathering them copied the whole segment per search (44 MB at 14k rows)
+            scores = _matmul(self.vecs, query[0])[rows]
+        if len(rows) > want:  # the top `want` and every row tying with the last of them, then sorted exactly
+            kth = np.partition(scores, len(scores) - want)[len(scores) - want]
+            top = np.flatnonzero(scores >= kth)
+            ids, scores = ids[top], scores[top]
         order = np.lexsort((ids, -scores))[:want]
         return [(int(ids[j]), float(scores[j])) for j in order]
 
@@ -881,6 +896,12 @@ class Index:
         """Top-`want` (id, score) rows: the FAISS file and the recent segment merged (frames are rows too)."""
         segment = state.segment
         assert segment is not None
+        flat = scoped.FlatVectors.of(state.faiss) if allowed is not None and len(allowed) <= scoped.EXACT_MAX else None
+        if flat is not None:  # a small scope (one user's photos): exact over the IVF-Flat file's own vectors
+            pairs = scoped.top(flat, segment.tombs, query, want, allowed)
+            if len(segment.ids):
+                pairs += segment.search(query, want, allowed, exclude)
+            return sorted(pairs, key=lambda p: (-p[1], p[0]))[:want]
         pairs = self._search_main(state.faiss, segment.tombs, query, want, allowed, exclude,
                                   fetch=self.store.embeddings_or_nan)  # fmt: skip
         if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)

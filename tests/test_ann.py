@@ -84,7 +84,7 @@ def inner_type(index: faiss.Index) -> type:
     return type(index)
 
 
-EXPECTED_TYPE = {"ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQ, "hnsw": faiss.IndexHNSWFlat}
+EXPECTED_TYPE = {"ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQFastScan, "hnsw": faiss.IndexHNSWFlat}
 
 
 def test_queries_are_text_like(data) -> None:
@@ -145,7 +145,8 @@ def test_type_and_tuned_recall(built, kind: str) -> None:
 def test_ivfpq_compresses(built) -> None:
     index, _, _ = built["ivfpq"]
     pq = faiss.downcast_index(index)
-    assert pq.code_size == pq.pq.M == PQ_DIM // 16  # about 16 dimensions per sub-quantizer, 8-bit codes
+    # 4-bit sub-quantizers (FastScan), one per 2 dimensions: a byte per 4 dimensions
+    assert (pq.pq.M, pq.pq.nbits, pq.code_size) == (PQ_DIM // 2, 4, PQ_DIM // 4)
 
 
 # -- searching with text-like queries ---------------------------------------------------------------
@@ -298,10 +299,12 @@ def test_auto_picks_by_count_and_memory_budget() -> None:
     assert faiss_index.choose_kind(2_000_000, dim=512, memory_budget=8 * gib) == "ivf"
     assert faiss_index.choose_kind(faiss_index.IVF_MAX + 1, dim=64, memory_budget=64 * gib) == "ivfpq"
     p = faiss_index.plan(10_000_000, 768)
-    assert (p.kind, p.m) == ("ivfpq", 48) and p.memory(10_000_000, 768) < faiss_index.defaults.MEMORY_BUDGET
+    assert (p.kind, p.m, p.nbits) == ("ivfpq", 384, 4)  # 192-byte codes: 2 GB at 10M, inside the 4 GB budget
+    assert p.memory(10_000_000, 768) < faiss_index.defaults.MEMORY_BUDGET
     assert p.nlist == faiss_index.MAX_IVFPQ_LISTS
     small = faiss_index.plan(10_000_000, 768, memory_budget=300 * 1024**2)  # codes shrink to fit
-    assert small.kind == "ivfpq" and small.m < 48 and 10_000_000 * (small.m + 8) <= 300 * 1024**2
+    assert small.kind == "ivfpq" and small.m < 384 and small.m % 2 == 0
+    assert 10_000_000 * (small.m // 2 + 8) <= 300 * 1024**2
     assert faiss_index.plan(500, 768, "ivfpq").kind == "flat"
     assert faiss_index.parse_bytes("4G") == 4 * gib and faiss_index.parse_bytes("500m") == 500 * 1024**2
     assert faiss_index.parse_bytes("2.5GB") == int(2.5 * gib) and faiss_index.parse_bytes("1024") == 1024
@@ -404,3 +407,22 @@ def test_search_falls_back_to_exact_when_filtered_ann_misses(tmp_path: Path) -> 
         by_id = dict(zip(real_ids.tolist(), real_vecs, strict=True))
         for h in hits:
             assert abs(h.score - float(by_id[h.id] @ query)) < 1e-3
+
+
+def test_tuning_queries_come_in_two_kinds_and_each_must_reach_the_bar(data) -> None:
+    """faiss_index's tuning queries alternate a topic-plus-noise kind (even rows) with queries across a modality
+    gap (odd rows: one shared text axis), both far from every vector; recall is the lower of the two kinds'."""
+    vecs, _, _ = data
+    _, centres = clustered()
+    q = faiss_index.text_like_queries(centres, 200, seed=3)
+    top = (q @ vecs.T).max(axis=1)
+    assert 0.1 <= np.median(top[0::2]) <= 0.5 and 0.1 <= np.median(top[1::2]) <= 0.7  # (0.2-0.35 at 768-d)
+    shared = np.linalg.norm(q[1::2].mean(axis=0)), np.linalg.norm(q[0::2].mean(axis=0))
+    assert shared[0] > 0.7 > 0.4 > shared[1]  # the odd rows share one axis; the even ones only the topics' mean
+    axis, again = q[1::2].mean(axis=0), faiss_index.text_like_queries(centres, 50, seed=9)[1::2].mean(axis=0)
+    assert axis @ again / np.linalg.norm(axis) / np.linalg.norm(again) > 0.9  # the same text axis for every seed
+    truth = np.arange(40).reshape(4, 10)
+    found = truth.copy()
+    found[1::2] = -1  # every odd query misses: half of all hits, but its kind gets none
+    assert faiss_index._recall(found, truth) == 0.0 and faiss_index._recall(truth, truth) == 1.0
+    assert faiss_index._recall(found[[0, 2]], truth[[0, 2]], np.array([0, 2])) == 1.0  # rows keep their kind

@@ -19,7 +19,7 @@ from ruclip_search import defaults, media, video
 from ruclip_search.errors import ImageError
 from ruclip_search.indexer import build
 from ruclip_search.raw import decode_raw
-from ruclip_search.store import Store
+from ruclip_search.store import SCHEMA_VERSION, Store
 from ruclip_search.walk import walk
 
 
@@ -333,6 +333,27 @@ def test_cli_and_http_filter_by_media(media_index) -> None:
 
 
 # -- schema --------------------------------------------------------------------------------------------
+def test_asking_whether_videos_are_stored_scans_no_table(tmp_path: Path) -> None:
+    """Every search asks `has_videos`: at 1M photos a table scan for `media = 'video'` cost 1.05 s (m006)."""
+    import sqlalchemy as sa
+
+    store = Store.create(tmp_path)
+    seen: list[tuple[str, object]] = []
+
+    def record(conn: object, cursor: object, sql: str, params: object, *rest: object) -> None:
+        seen.append((sql, params))
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    assert store.has_videos() is False
+    sa.event.remove(store.engine, "before_cursor_execute", record)
+    plans = []
+    with store.engine.connect() as conn:
+        for sql, params in seen:
+            plans += [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params)]
+    assert plans and not [p for p in plans if p.startswith("SCAN images")], plans
+    store.close()
+
+
 def test_m004_upgrades_an_index_in_place(tmp_path: Path) -> None:
     store = Store(tmp_path, readonly=False)
     store.migrate(3)
@@ -343,7 +364,7 @@ def test_m004_upgrades_an_index_in_place(tmp_path: Path) -> None:
         )
     store.close()
     with Store.open(tmp_path, readonly=False) as store:
-        assert store.schema_version() == 4 and store.get_meta("migration_004") == "m004_media"
+        assert store.schema_version() == SCHEMA_VERSION and store.get_meta("migration_004") == "m004_media"
         (record,) = store.iter_images()
         assert (record.media, record.t, record.raw_path, record.parent_id) == (None, None, None, None)
         assert store.counts() == {"images": 1, "errors": 0, "videos": 0, "raw_pairs": 0, "live_photos": 0}

@@ -614,3 +614,86 @@ def test_concurrent_puts_and_deletes_are_committed_together(env) -> None:
     assert env.c.get("/photos/old1", headers=R).status_code == 404
     found = env.c.get("/search", params={"q": "круг", "k": 50, "collection": ["u0", "u1", "u2"]}, headers=R).json()
     assert sorted(h["key"] for h in found["hits"]) == sorted(f"n{i}" for i in range(24))
+
+
+# -- the fast path for hot writes ------------------------------------------------------------------------------
+def test_the_write_fast_path_answers_exactly_as_fastapi_does(tmp_path, tiny_model_path, monkeypatch) -> None:
+    """PUT (JSON embedding) and DELETE /photos/{key} are answered by server/fastpath.py in front of FastAPI:
+    every request, good or bad, gets the same status and body as from FastAPI's own route, the good ones are
+    answered by the fast path and every bad one is handed to FastAPI (index unchanged)."""
+    from ruclip_search.search import Index
+    from ruclip_search.server import fastpath
+
+    answered: list[str] = []
+    real = fastpath.WriteFastPath._answer
+
+    async def spy(self, scope, receive, method, key, body):
+        try:
+            response = await real(self, scope, receive, method, key, body)
+        except fastpath._Declined:
+            answered.append("fastapi")
+            raise
+        answered.append("fast")
+        return response
+
+    monkeypatch.setattr(fastpath.WriteFastPath, "_answer", spy)
+    apps = []
+    for name in ("fast", "plain"):
+        Index.create(tmp_path / name / "index", model=str(tiny_model_path), device="cpu").close()
+        app = create_app([tmp_path / name / "index"], token=READ, write_token=WRITE, device="cpu")
+        if name == "plain":  # the same app without the fast path (the stack is built on the first request)
+            app.user_middleware = [m for m in app.user_middleware if m.cls is not fastpath.WriteFastPath]
+        apps.append(app)
+    with TestClient(apps[0]) as fast, TestClient(apps[1]) as plain:
+        dim = fast.get("/info", headers=R).json()["indexes"][0]["info"]["dim"]
+        good = _unit(dim, 1)
+        requests = [  # (method, path, json body or raw bytes, headers, answered by the fast path)
+            ("PUT", "/photos/a", {"embedding": good, "collection": "c1", "labels": ["y", "x", "y"]}, W, True),
+            ("PUT", "/photos/b", {"embedding": [int(x > 0) for x in good]}, W, True),
+            ("PUT", "/photos/a", {"embedding": _unit(dim, 2), "collection": None, "labels": []}, W, True),
+            ("PUT", "/photos/%D1%84%D0%BE%D1%82%D0%BE%201", {"embedding": good}, W, True),
+            ("PUT", "/photos/c", {"embedding": good[:-1]}, W, True),  # wrong dimension: 400 bad_photo
+            ("PUT", "/photos/c", {"embedding": good, "taken_at": "2021-06-01"}, W, False),
+            ("PUT", "/photos/c", {"embedding": good}, R, False),  # the read token
+            ("PUT", "/photos/c", {"embedding": good}, {}, False),
+            ("PUT", "/photos/c", {"embedding": good}, {"Authorization": f"Basic {WRITE}"}, False),
+            ("PUT", "/photos/c?index=index", {"embedding": good}, W, False),
+            ("PUT", "/photos/c", {"embedding": good, "extra": 1}, W, False),
+            ("PUT", "/photos/c", {"embedding": [True] * dim}, W, False),
+            ("PUT", "/photos/c", {"embedding": [0.0] * dim}, W, False),
+            ("PUT", "/photos/c", {"embedding": []}, W, False),
+            ("PUT", "/photos/c", {"embedding": good, "path": "/etc/passwd"}, W, False),
+            ("PUT", "/photos/c", {"embedding": good, "collection": "a/b"}, W, False),
+            ("PUT", "/photos/c", {"embedding": good, "collection": 5}, W, False),
+            ("PUT", "/photos/c", {"embedding": good, "labels": "x"}, W, False),
+            ("PUT", "/photos/c", {"embedding": good, "labels": ["x%00"]}, W, False),
+            ("PUT", "/photos/c", [1, 2], W, False),
+            ("PUT", "/photos/c", b'{"embedding": [1, 2', W, False),
+            ("PUT", "/photos/c", b"NaN", W, False),
+            ("PUT", "/photos/" + "k" * 600, {"embedding": good}, W, False),
+            ("PUT", "/photos/%00", {"embedding": good}, W, False),
+            ("PUT", "/photos/c", b"embedding=1", {**W, "Content-Type": "text/plain"}, False),
+            ("DELETE", "/photos/b", None, W, True),
+            ("DELETE", "/photos/b", None, W, True),  # gone: 404 photo_not_found
+            ("DELETE", "/photos/a", None, R, False),
+            ("DELETE", "/photos/a/b", None, W, None),  # not /photos/{key}: FastAPI's 404 (never the fast path)
+            ("GET", "/photos/a", None, R, None),
+            ("DELETE", "/photos/a", None, W, True),
+            ("GET", "/photos/a", None, R, None),
+        ]
+        for method, path, body, headers, fast_expected in requests:
+            answers = []
+            for client in (fast, plain):
+                answered.clear()
+                if isinstance(body, bytes):
+                    r = client.request(method, path, content=body,
+                                       headers={"Content-Type": "application/json", **headers})  # fmt: skip
+                else:
+                    r = client.request(method, path, json=body, headers=headers)
+                answers.append((r.status_code, r.json(), list(answered)))
+            (status, got, route), (plain_status, want, _) = answers
+            assert (status, got) == (plain_status, want), (method, path, body)
+            if fast_expected is not None:
+                assert (route == ["fast"]) is fast_expected, (method, path, body, status, got)
+    fast_db, plain_db = _snapshot(tmp_path / "fast" / "index"), _snapshot(tmp_path / "plain" / "index")
+    assert fast_db[1:] == plain_db[1:] and [r[:3] for r in fast_db[0]] == [r[:3] for r in plain_db[0]]

@@ -232,3 +232,55 @@ def test_cli_memory_budget(tmp_path: Path, store: Store) -> None:
     assert result.exit_code == 2 and "4G" in result.output
     for command in ("build", "reindex", "compact"):
         assert "--memory-budget" in runner.invoke(main, [command, "--help"]).output
+
+
+def test_a_fold_measures_recall_on_the_kept_queries_and_retrains_under_the_bar(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An IVF index keeps held-out text-like queries and their exact top-10; a fold brings that top-10 up to
+    date (new vectors scored, queries whose top-10 lost an id left out), measures the recall on it, and
+    retrains when it falls under the bar."""
+    vecs, _ = vectors(3000, seed=11)
+    put(store, vecs)
+    first = write_faiss(store, "ivf")
+    probe = json.loads(store.get_meta("recall_probe"))
+    assert len(probe["ids"]) == faiss_index.PROBE_QUERIES and all(probe["valid"])
+    assert first["probe_recall"] >= faiss_index.MIN_RECALL - 0.03
+    more, _ = vectors(150, seed=12)
+    put(store, more, 3000)  # +5 %
+    store.delete_keys([f"p{i}" for i in range(0, 3000, 50)])
+    info = write_faiss(store)
+    assert not info["retrained"] and info["probe_recall"] is not None
+    probe = json.loads(store.get_meta("recall_probe"))
+    valid = np.array(probe["valid"])
+    assert 0 < valid.sum() < faiss_index.PROBE_QUERIES  # queries that lost a top-10 id are left out
+    index = faiss_index.load(store.faiss_path(), mmap=False, params=info["params"])
+    topics = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, info["params"]["nlist"])
+    queries = faiss_index.text_like_queries(topics, len(valid), seed=1)
+    np.testing.assert_array_equal(np.array(probe["ids"])[valid], exact_ids(store, queries[valid]))
+    # measured under the bar: trained anew (growth alone would not)
+    monkeypatch.setattr(faiss_index, "MIN_RECALL", 1.01)
+    put(store, vectors(30, seed=13)[0], 5000)
+    info = write_faiss(store)
+    assert info["retrained"] and info["trained_n"] == info["n"]
+
+
+def test_reranking_reads_rows_by_id_on_both_databases(tmp_path: Path, db: str | None) -> None:
+    """`embeddings_or_nan` (what IVF-PQ re-ranking reads per query): the vectors in the asked order, NaN rows for
+    deleted and unknown ids, from a reader on SQLite (its kept connection) and on PostgreSQL, and it sees
+    writes made after its first use."""
+    with Store.create(tmp_path / "idx", db=db) as writer:
+        with writer.transaction() as conn:
+            writer.set_model(conn, "m", DIM)
+        vecs, _ = vectors(50, seed=21)
+        ids = put(writer, vecs)
+        writer.delete_keys(["p3"])
+        with Store.open(tmp_path / "idx", db=db) as reader:
+            ask = [ids[7], ids[3], 10**9, ids[0], ids[7]]
+            got = reader.embeddings_or_nan(ask)
+            assert got.shape == (5, DIM) and got.dtype == np.float32
+            assert np.isnan(got[[1, 2]]).all() and not np.isnan(got[[0, 3, 4]]).any()
+            np.testing.assert_allclose(got[[0, 3, 4]], vecs[[7, 0, 7]], atol=1e-3)
+            assert reader.embeddings_or_nan([]).shape == (0, DIM)
+            writer.delete_keys(["p7"])
+            assert np.isnan(reader.embeddings_or_nan([ids[7]])).all()

@@ -14,6 +14,7 @@ from .. import __version__
 from ..defaults import REFRESH_INTERVAL, THUMB_CACHE_BYTES, UPLOAD_MAX_BYTES, UPLOAD_MAX_PIXELS
 from ..encoder import ModelCache
 from .errors import install_error_handlers
+from .fastpath import WriteFastPath
 from .routes import images, meta, photos, search, web
 from .state import ServerState, open_indexes
 from .thumbnails import ThumbCache
@@ -68,6 +69,7 @@ def create_app(
     for module in (meta, search, images, photos, web):
         app.include_router(module.router)
     install_error_handlers(app)
+    app.add_middleware(WriteFastPath, server=app)  # inside the CORS and upload-limit middleware
     if cors := list(cors_origins):
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -39,7 +40,20 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
     for e in errors:
         e.pop("ctx", None)
         e.pop("url", None)
+        if "input" in e:
+            e["input"] = _finite(e["input"])
     return JSONResponse({"detail": errors, "code": "invalid_request"}, status_code=422)
+
+
+def _finite(value: object) -> object:
+    """`value` with NaN and infinities as strings: JSON has no such numbers (a body `NaN` answered 500, not 422)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
 
 
 async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
