@@ -55,6 +55,20 @@ EXACT_FALLBACK_MAX = 200_000  # filtered ANN search that misses hits is redone e
 VIDEO_OVERFETCH = 4  # with videos, a search asks for this many times the hits (frames collapse to their video)
 TEXT_CACHE_SIZE = defaults.TEXT_CACHE_SIZE  # text query embeddings kept per loaded model
 TOMBSTONE_SELECTOR_MIN = 256  # above this many tombstones the FAISS search excludes them by an id selector
+_last_selector: tuple[np.ndarray, Any] | None = None  # (tombstones, their selector): the latest snapshot's
+
+
+def _tombstone_selector(tombs: np.ndarray) -> Any:
+    """FAISS selector excluding `tombs`, reused while searches see the same (immutable) segment snapshot."""
+    global _last_selector
+    last = _last_selector  # one read: another thread may replace it meanwhile (then both are valid)
+    if last is not None and last[0] is tombs:
+        return last[1]
+    selector = faiss_index.excluding(tombs)
+    _last_selector = (tombs, selector)
+    return selector
+
+
 ADD_FIELDS = frozenset({"key", "image", "embedding", "collection", "labels", "taken_at"})
 
 ImageLike = Image.Image | bytes | os.PathLike
@@ -946,6 +960,11 @@ class Index:
         elif len(tombs) + len(exclude) <= TOMBSTONE_SELECTOR_MIN:
             # a few tombstones: ask for that many more results and drop them (no selector: a plain search)
             scores, ids = faiss_index.search(index, query, want + len(tombs) + len(exclude), fetch=fetch)
+        elif len(exclude) <= TOMBSTONE_SELECTOR_MIN:
+            # the tombstones' selector is built once per segment snapshot, not per search (it costs O(tombstones),
+            # which grow with every write); the few excluded ids are asked for on top and dropped below
+            selector = _tombstone_selector(tombs)
+            scores, ids = faiss_index.search(index, query, want + len(exclude), selector, fetch=fetch)
         else:
             skip = np.union1d(tombs, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
             scores, ids = faiss_index.search(index, query, want, faiss_index.excluding(skip), fetch=fetch)

@@ -335,6 +335,15 @@ def test_ann_main_index_never_returns_deleted_or_stale_ids(idx: Index) -> None:
     check(removed_ids, stale)
     for k in removed[:5]:
         assert idx.get(k) is None
+    # more removes after those searches (a new tombstone snapshot): still never returned
+    more = [h for h in idx.search(queries[3], k=5)]
+    assert idx.remove_many([h.key for h in more]) == 5
+    check(removed_ids | {h.id for h in more}, stale)
+    # /similar excludes its own photo on top of the tombstones
+    own = idx.search(queries[4], k=1)[0].id
+    near = idx.similar(own, k=50)
+    assert len(near) == 50 and own not in {h.id for h in near}
+    assert not {h.id for h in near} & (removed_ids | {h.id for h in more})
 
 
 def test_add_from_a_file_like_source(idx: Index, pictures: list[dict]) -> None:
