@@ -284,3 +284,45 @@ def test_reranking_reads_rows_by_id_on_both_databases(tmp_path: Path, db: str | 
             assert reader.embeddings_or_nan([]).shape == (0, DIM)
             writer.delete_keys(["p7"])
             assert np.isnan(reader.embeddings_or_nan([ids[7]])).all()
+
+
+def test_many_reranked_rows_are_read_in_parallel_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SQLite reader asked for many rows reads parts of the sorted ids on several pooled connections at once
+    (rows not in the page cache each cost a disk read), with the same answer as one statement: asked order,
+    repeats, NaN rows for deleted and unknown ids."""
+    import threading
+
+    from ruclip_search import store as store_module
+
+    with Store.create(tmp_path / "idx") as writer:
+        with writer.transaction() as conn:
+            writer.set_model(conn, "m", DIM)
+        vecs, _ = vectors(300, seed=22)
+        ids = put(writer, vecs)
+        writer.delete_keys(["p5", "p6"])
+    rng = np.random.default_rng(0)
+    ask = [*rng.permutation(ids).tolist(), 10**9, ids[9], -4]
+    with Store.open(tmp_path / "idx") as reader:
+        one = reader.embeddings_or_nan(ask)  # below 2 x VECTOR_READ_PART: one statement
+        monkeypatch.setattr(store_module, "VECTOR_READ_PART", 8)
+        threads: set[int] = set()
+        parts: list[list[int]] = []
+        real = Store._vector_rows
+
+        def spy(self, part):
+            threads.add(threading.get_ident())
+            parts.append(part)
+            return real(self, part)
+
+        monkeypatch.setattr(Store, "_vector_rows", spy)
+        many = reader.embeddings_or_nan(ask)
+    assert len(parts) == store_module.VECTOR_READ_THREADS and threading.get_ident() not in threads
+    assert sorted(i for p in parts for i in p) == sorted(ask)
+    np.testing.assert_array_equal(np.isnan(many), np.isnan(one))
+    np.testing.assert_allclose(many[~np.isnan(many)], one[~np.isnan(one)])
+    by_id = dict(zip(ids, vecs, strict=True))
+    for j, i in enumerate(ask):
+        if i in by_id and i not in (ids[5], ids[6]):
+            np.testing.assert_allclose(many[j], by_id[i], atol=1e-3)
+        else:
+            assert np.isnan(many[j]).all()
