@@ -326,3 +326,29 @@ def test_many_reranked_rows_are_read_in_parallel_parts(tmp_path: Path, monkeypat
             np.testing.assert_allclose(many[j], by_id[i], atol=1e-3)
         else:
             assert np.isnan(many[j]).all()
+
+
+def test_ivfpq_refine_code_lives_and_goes_with_its_faiss_file(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An IVF-PQ file's refine code is written beside it, replaced with it by the next version (a fold), kept by the
+    stale-file sweep while its file is current, and removed with it; a reader loads it with the file."""
+    from ruclip_search.indexer import _clean_stale_files
+    from ruclip_search.pq_refine import sidecar
+
+    vecs, centres = vectors(3000, seed=4)
+    put(store, vecs)
+    monkeypatch.setattr(faiss_index, "FLAT_BELOW", 1000)
+    info = write_faiss(store, "auto", memory_budget=3000 * DIM * 4 // 2)
+    first = store.faiss_path()
+    assert info["type"] == "ivfpq" and "refine" in info["params"] and sidecar(first).exists()
+    put(store, vectors(30, seed=5)[0], 5000)
+    assert not write_faiss(store)["retrained"]
+    second = store.faiss_path()
+    assert second != first and sidecar(second).exists()
+    assert not first.exists() and not sidecar(first).exists()
+    stray = store.dir / "faiss-99.index.refine.npz"
+    stray.write_bytes(b"x")
+    _clean_stale_files(store)
+    assert sidecar(second).exists() and not stray.exists()
+    index = faiss_index.load(second, params=json.loads(store.get_meta("index_params")))
+    refiner = faiss_index.refiner_of(index)
+    assert refiner is not None and len(refiner.codes) > max(stored(store)[0])  # the fold's vectors are in it
