@@ -73,9 +73,12 @@ def test_refined_search_reads_only_the_reranked_rows(built) -> None:
     index, info, vecs, ids, queries = built
     truth = ids[faiss_index.exact_knn(vecs, queries, K)]
     fetch = CountingFetch(vecs, ids)
-    scores, found = faiss_index.search(index, queries, K, fetch=fetch)
     rerank = info["params"]["rerank"]
-    assert fetch.rows <= len(queries) * rerank
+    for q in queries[:10]:  # one query at a time: the rows of each
+        fetch.rows = 0
+        faiss_index.search(index, q[None], K, fetch=fetch)
+        assert 0 < fetch.rows <= rerank < info["params"]["refine"]
+    scores, found = faiss_index.search(index, queries, K, fetch=fetch)
     refined = recall(found, truth)
     assert refined >= faiss_index.MIN_RECALL
     exact = {int(i): v for i, v in zip(ids, vecs, strict=True)}
@@ -158,3 +161,16 @@ def test_refiner_rejects_negative_ids() -> None:
     refiner = Refiner.train(pq, 2, np.random.default_rng(1).normal(size=(600, 8)).astype(np.float32))
     with pytest.raises(ValueError, match="non-negative"):
         refiner.add(np.array([-1]), np.zeros((1, 8), np.float32))
+
+
+def test_tuning_reads_twice_the_first_sufficient_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Harder queries than the tuning's need their last neighbours a little deeper: the tuned re-ranking depth is
+    REFINED_HEADROOM (2) times the first depth at which the tuning queries reach the target."""
+    vecs, ids, _ = data(4000, seed=6)
+    _, info = faiss_index.build_faiss(vecs, ids, "ivfpq", min_ann=100)
+    monkeypatch.setattr(faiss_index, "REFINED_HEADROOM", 1)
+    _, first = faiss_index.build_faiss(vecs, ids, "ivfpq", min_ann=100)
+    assert first["params"]["rerank"] < faiss_index.REFINE_DEPTH // 2
+    assert info["params"]["rerank"] == 2 * first["params"]["rerank"]
+    assert info["params"]["nprobe"] == first["params"]["nprobe"]
+    assert info["recall_at_10"] >= first["recall_at_10"]  # the recall recorded is that of the depth used
