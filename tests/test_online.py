@@ -501,3 +501,62 @@ def test_the_recent_segment_ranks_exactly_at_any_size() -> None:
         got = seg.search(q, want, allowed, exclude)
         assert [i for i, _ in got] == [i for i, _ in truth], t
         assert np.allclose([s for _, s in got], [s for _, s in truth], atol=1e-5)
+
+
+def test_a_large_recent_segment_is_searched_in_the_lists_the_query_probes(
+    idx: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above SEGMENT_EXACT_MAX rows over an IVF file, the segment scores only its rows in the lists the query
+    probes, as the file's quantizer assigns and probes them (not every row: that cost grew with every write):
+    each row's list is FAISS's own assignment, the ranking is exact over those lists' current rows, a new write
+    is found at once by its own vector, and a replaced or deleted id's old rows never come back."""
+    from ruclip_search import search as search_mod
+    from ruclip_search.faiss_index import _ivf_of
+    from ruclip_search.indexer import reindex
+
+    monkeypatch.setattr(search_mod, "SEGMENT_EXACT_MAX", 100)
+    dim = idx.model.dim
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(20, dim))
+
+    def near(m: int) -> np.ndarray:
+        v = centres[rng.integers(20, size=m)] + rng.normal(scale=0.3, size=(m, dim))
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+    idx.add_many({"key": f"v{i}", "embedding": v} for i, v in enumerate(near(2000)))
+    assert reindex(idx.store.dir, "ivf", db=idx.store.url)["type"] == "ivf"
+    assert idx.refresh() is True and idx._state.segment.size == 0
+    new = near(600)
+    idx.add_many({"key": f"n{i}", "embedding": v} for i, v in enumerate(new))
+    idx.add_many({"key": f"n{i}", "embedding": v} for i, v in enumerate(near(50)))  # n0..n49 replaced
+    assert idx.remove_many([f"n{i}" for i in range(50, 100)]) == 50
+    segment = idx._state.segment
+    assert segment.coarse is not None and len(segment.ids) > search_mod.SEGMENT_EXACT_MAX
+    ivf = _ivf_of(idx._state.faiss)
+    ivf.nprobe = 2  # of nlist lists (the tuned setting of so small a file may probe them all)
+    assert ivf.nlist >= 8
+    _, faiss_lists = ivf.quantizer.search(segment.vecs, 1)
+    assert np.array_equal(segment.lists, faiss_lists[:, 0])
+    current = {int(i): segment.vecs[j] for j, i in enumerate(segment.ids) if segment.live[j]}
+    gone = {idx.store.get_by_key(f"n{i}") for i in range(50, 100)} - {None}
+    assert len(current) == 550 and not gone
+    missed = 0
+    for t in range(30):
+        q = new[100 + t] if t % 2 else near(1)[0]
+        _, probes = ivf.quantizer.search(q[None, :], ivf.nprobe)
+        lists = dict(zip(segment.ids.tolist(), segment.lists.tolist(), strict=True))
+        truth = sorted(((i, float(v @ q)) for i, v in current.items() if lists[i] in set(probes[0].tolist())),
+                       key=lambda p: (-p[1], p[0]))[:10]  # fmt: skip
+        got = segment.search(q[None, :], 10, None, set())
+        assert [i for i, _ in got] == [i for i, _ in truth], t
+        missed += len(truth) < 10 or truth != sorted(((i, float(v @ q)) for i, v in current.items()),
+                                                    key=lambda p: (-p[1], p[0]))[:10]  # fmt: skip
+    assert missed  # some queries' exact top rows lie in lists they do not probe: not every row was scored
+    for i in range(100, 130):  # a write is found at once by its own vector
+        assert idx.search(new[i], k=1)[0].key == f"n{i}"
+    deleted = {f"n{j}" for j in range(50, 100)}
+    for i in range(50):  # a deleted photo never shows; a replaced one only with its new vector's score
+        for q in (new[50 + i], new[i]):
+            for h in idx.search(q, k=20):
+                assert h.key not in deleted
+                assert h.score == pytest.approx(float(idx.store.get_embeddings([h.id])[0] @ q), abs=1e-3)
