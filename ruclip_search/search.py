@@ -362,40 +362,36 @@ class _Rows:
 
 
 class _Coarse:
-    """The IVF centroids of a FAISS file, for the recent segment: the list a new row falls in (at write time)
-    and the lists a query probes (the file's own nprobe). A large segment is then searched like the file's
-    lists, over the rows in the probed lists only: scoring every row made each search's cost grow with the
-    writes since the last compaction (py-spy at 1M: 12k recent rows cost 3x the FAISS search itself)."""
+    """The IVF lists of a FAISS file, for the recent segment: the list a new row falls in (at write time) and
+    the lists a query probes (the file's own nprobe), both as the file's quantizer picks them. A large segment
+    is then searched like the file's lists, over the rows in the probed lists only: scoring every row made each
+    search's cost grow with the writes since the last compaction (py-spy at 1M: 12k recent rows cost 3x the
+    FAISS search itself)."""
 
     def __init__(self, index: Any, ivf: Any) -> None:
         self.index = index  # keeps the SWIG object `ivf` points into alive
         self.ivf = ivf
-        centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
-        self.centroids, self.centroids_t = centroids, np.ascontiguousarray(centroids.T)  # (nlist, d), (d, nlist)
-        # an L2 quantizer ranks by |c|^2 - 2 c.q: the same order as c.q - |c|^2 / 2 (our files are inner product)
-        l2 = ivf.quantizer.metric_type == faiss.METRIC_L2
-        self.bias = -0.5 * (centroids**2).sum(axis=1) if l2 else np.zeros(ivf.nlist, dtype=np.float32)
 
     @classmethod
     def of(cls, index: Any) -> _Coarse | None:
-        """The centroids of an IVF file (IVF-Flat, IVF-PQ), or None for a flat or HNSW one."""
+        """The lists of an IVF file (IVF-Flat, IVF-PQ), or None for a flat or HNSW one."""
         ivf = faiss_index._ivf_of(index)
         if ivf is None or ivf.nlist < 2:
             return None
         return cls(index, ivf)
 
     def assign(self, vecs: np.ndarray) -> np.ndarray:
-        """int32 (m,): the list each vector falls in (its best centroid, as the file's quantizer picks)."""
+        """int32 (m,): the list each vector falls in."""
         if not len(vecs):
             return np.zeros(0, dtype=np.int32)
-        return (_matmul(vecs, self.centroids_t) + self.bias).argmax(axis=1).astype(np.int32)
+        return faiss_index.nearest_lists(self.ivf, vecs, 1)[:, 0].astype(np.int32)
 
     def probed(self, query: np.ndarray) -> np.ndarray:
         """bool (nlist,): the lists a search for `query` (d,) probes, at the file's current nprobe."""
-        scores = _matmul(self.centroids, query) + self.bias
-        nprobe = min(max(1, int(self.ivf.nprobe)), len(scores))
-        mask = np.zeros(len(scores), dtype=bool)
-        mask[np.argpartition(scores, len(scores) - nprobe)[len(scores) - nprobe :]] = True
+        nlist = int(self.ivf.nlist)
+        lists = faiss_index.nearest_lists(self.ivf, query, min(max(1, int(self.ivf.nprobe)), nlist))[0]
+        mask = np.zeros(nlist, dtype=bool)
+        mask[lists[lists >= 0]] = True
         return mask
 
 
