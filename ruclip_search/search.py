@@ -533,6 +533,7 @@ class Index:
         self._checked = time.monotonic()  # when the store's change log was last looked at
         self._compactor: threading.Thread | None = None
         self.compact_error: str | None = None  # why the last background compaction failed, if it did
+        self._videos: tuple[tuple[int, int], bool] | None = None  # (state stamp, whether videos are stored)
         # concurrent add/remove calls are committed together (one transaction and one catch-up per group)
         self._writes: GroupCommit[_WriteOp, _WriteResult] = GroupCommit(self._commit_group)
 
@@ -942,7 +943,7 @@ class Index:
         segment = state.segment
         assert segment is not None
         pool = len(allowed) if allowed is not None else state.count + len(segment.ids) - len(exclude)
-        if not self.store.has_videos():
+        if not self._has_videos(state):
             pairs = self._ranked(state, query, want, allowed, exclude)[int(offset) : want]
             triples = [(i, s, None) for i, s in pairs]
         else:  # frames are rows of their own: over-fetch, keep each video's best frame (and its time)
@@ -958,6 +959,18 @@ class Index:
             triples = [p for p in triples if p[1] >= filters.min_score]
         records = self.store.get_images([i for i, _, _ in triples])
         return [_hit(records[i], s, t) for i, s, t in triples if i in records]
+
+    def _has_videos(self, state: _State) -> bool:
+        """`store.has_videos()`, asked again only when the state this search uses has changed (a new FAISS file
+        or new changes caught up): every search asked the database (two queries) while nothing had changed."""
+        segment = state.segment
+        stamp = (state.version, segment.seq if segment is not None else state.faiss_seq)
+        cached = self._videos
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        found = self.store.has_videos()
+        self._videos = (stamp, found)
+        return found
 
     def _ranked(self, state: _State, query: np.ndarray, want: int, allowed: np.ndarray | None,
                 exclude: set[int]) -> list[tuple[int, float]]:  # fmt: skip
@@ -1091,10 +1104,12 @@ class Index:
         """Indexed images most like an indexed one (by path or id), the image itself excluded."""
         f = self._filters(filters, loose)
         state = self._live_state()
-        image_id = self._resolve_id(path_or_id)
+        # by id: the embedding's one lookup says the image exists (the hot path of GET /similar); else tell why not
+        image_id = int(path_or_id) if isinstance(path_or_id, (int, np.integer)) else self._resolve_id(path_or_id)
         try:
             vec = self.store.get_embeddings([image_id])[0]
         except KeyError:
+            self._resolve_id(image_id)  # QueryError for an unknown id
             raise QueryError(f"Image {image_id} has no embedding (it failed to decode when indexed).") from None
         return self._search_vector(state, _normalise(vec), k, offset, f, exclude=(image_id,))
 

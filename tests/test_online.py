@@ -560,3 +560,27 @@ def test_a_large_recent_segment_is_searched_in_the_lists_the_query_probes(
             for h in idx.search(q, k=20):
                 assert h.key not in deleted
                 assert h.score == pytest.approx(float(idx.store.get_embeddings([h.id])[0] @ q), abs=1e-3)
+
+
+def test_whether_videos_are_stored_is_asked_again_only_when_the_index_changed(
+    idx: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every search needs to know whether to collapse video frames; the database is asked once per state of the
+    index (FAISS file and changes caught up), not per search, and again after any write."""
+    rng = np.random.default_rng(4)
+    idx.add_many({"key": f"v{i}", "embedding": rng.normal(size=idx.model.dim)} for i in range(20))
+    asked = []
+    real = idx.store.has_videos
+    monkeypatch.setattr(idx.store, "has_videos", lambda: asked.append(1) or real())
+    q = rng.normal(size=idx.model.dim)
+    for _ in range(3):
+        idx.search(q, k=5)
+    idx.similar(idx.get("v0").id, k=5)
+    assert len(asked) == 1
+    idx.add("v20", embedding=rng.normal(size=idx.model.dim))
+    idx.search(q, k=5)
+    assert len(asked) == 2
+    idx.remove("v3")
+    assert "v3" not in {h.key for h in idx.search(q, k=25)} and len(asked) == 3
+    with pytest.raises(QueryError, match="No image with id"):
+        idx.similar(10**9)
