@@ -58,18 +58,24 @@ SEGMENT_EXACT_MAX = 2048
 VIDEO_OVERFETCH = 4  # with videos, a search asks for this many times the hits (frames collapse to their video)
 TEXT_CACHE_SIZE = defaults.TEXT_CACHE_SIZE  # text query embeddings kept per loaded model
 TOMBSTONE_SELECTOR_MIN = 256  # above this many tombstones the FAISS search excludes them by an id selector
-_last_selector: tuple[np.ndarray, Any] | None = None  # (tombstones, their selector): the latest snapshot's
+#: The latest tombstone selector: (the segment lineage it was built in, how many tombstones it covers, it).
+_last_selector: tuple[Any, int, Any] | None = None
 
 
-def _tombstone_selector(tombs: np.ndarray) -> Any:
-    """FAISS selector excluding `tombs`, reused while searches see the same (immutable) segment snapshot."""
+def _tombstone_selector(tombs: np.ndarray, lineage: Any = None) -> tuple[Any, int]:
+    """A FAISS selector excluding the first tombstones of `tombs` and how many it covers (the rest, at most
+    TOMBSTONE_SELECTOR_MIN, are the caller's to over-fetch and drop). Within one segment lineage (its `rows`)
+    tombstones only grow, each snapshot's a superset of the one before: a selector built for an earlier snapshot
+    is reused until TOMBSTONE_SELECTOR_MIN more have come, not rebuilt per write (O(tombstones) each time,
+    paid by the next search: at 200 writes/s almost every search)."""
     global _last_selector
     last = _last_selector  # one read: another thread may replace it meanwhile (then both are valid)
-    if last is not None and last[0] is tombs:
-        return last[1]
+    if (last is not None and lineage is not None and last[0] is lineage
+            and 0 <= len(tombs) - last[1] <= TOMBSTONE_SELECTOR_MIN):  # fmt: skip
+        return last[2], last[1]
     selector = faiss_index.excluding(tombs)
-    _last_selector = (tombs, selector)
-    return selector
+    _last_selector = (lineage, len(tombs), selector) if lineage is not None else None
+    return selector, len(tombs)
 
 
 ADD_FIELDS = frozenset({"key", "image", "embedding", "collection", "labels", "taken_at"})
@@ -984,7 +990,7 @@ class Index:
                 pairs += segment.search(query, want, allowed, exclude)
             return sorted(pairs, key=lambda p: (-p[1], p[0]))[:want]
         pairs = self._search_main(state.faiss, segment.tombs, query, want, allowed, exclude,
-                                  fetch=self.store.embeddings_or_nan)  # fmt: skip
+                                  fetch=self.store.embeddings_or_nan, lineage=segment.rows)  # fmt: skip
         if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)
             pairs = sorted(pairs + segment.search(query, want, allowed, exclude), key=lambda p: (-p[1], p[0]))
         pool = len(allowed) if allowed is not None else state.count - len(exclude)
@@ -1012,10 +1018,11 @@ class Index:
     @staticmethod
     def _search_main(
         index: Any, tombs: np.ndarray, query: np.ndarray, want: int, allowed: np.ndarray | None, exclude: set[int],
-        fetch: Any = None,
+        fetch: Any = None, lineage: Any = None,
     ) -> list[tuple[int, float]]:  # fmt: skip
         """Top-`want` (id, score) of the FAISS file, never a tombstoned (stale or deleted) or excluded id.
-        `fetch` (the store's vectors by id) re-ranks IVF-PQ candidates on the stored vectors."""
+        `fetch` (the store's vectors by id) re-ranks IVF-PQ candidates on the stored vectors; `lineage` (the
+        segment's rows) lets successive snapshots share one tombstone selector."""
         if allowed is not None:
             if len(tombs):
                 allowed = allowed[~np.isin(allowed, tombs)]
@@ -1028,10 +1035,11 @@ class Index:
             # a few tombstones: ask for that many more results and drop them (no selector: a plain search)
             scores, ids = faiss_index.search(index, query, want + len(tombs) + len(exclude), fetch=fetch)
         elif len(exclude) <= TOMBSTONE_SELECTOR_MIN:
-            # the tombstones' selector is built once per segment snapshot, not per search (it costs O(tombstones),
-            # which grow with every write); the few excluded ids are asked for on top and dropped below
-            selector = _tombstone_selector(tombs)
-            scores, ids = faiss_index.search(index, query, want + len(exclude), selector, fetch=fetch)
+            # the selector covers all but the newest tombstones (at most TOMBSTONE_SELECTOR_MIN): those and the
+            # few excluded ids are asked for on top and dropped below
+            selector, covered = _tombstone_selector(tombs, lineage)
+            scores, ids = faiss_index.search(index, query, want + len(exclude) + len(tombs) - covered, selector,
+                                             fetch=fetch)  # fmt: skip
         else:
             skip = np.union1d(tombs, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
             scores, ids = faiss_index.search(index, query, want, faiss_index.excluding(skip), fetch=fetch)
@@ -1042,8 +1050,10 @@ class Index:
             if i < 0 or i in exclude or (dead is not None and i in dead):
                 continue
             pairs.append((i, float(s)))
-        if dead is None and pairs:  # the selector already excluded them; filtered searches check here
-            keep = ~np.isin(np.array([p[0] for p in pairs], dtype=np.int64), tombs)
+        if dead is None and pairs:  # every tombstone checked exactly (sorted: a binary search per hit)
+            found = np.array([p[0] for p in pairs], dtype=np.int64)
+            at = np.minimum(np.searchsorted(tombs, found), len(tombs) - 1)
+            keep = tombs[at] != found
             pairs = [p for p, ok in zip(pairs, keep, strict=True) if ok]
         return pairs[:want]
 

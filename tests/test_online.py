@@ -584,3 +584,45 @@ def test_whether_videos_are_stored_is_asked_again_only_when_the_index_changed(
     assert "v3" not in {h.key for h in idx.search(q, k=25)} and len(asked) == 3
     with pytest.raises(QueryError, match="No image with id"):
         idx.similar(10**9)
+
+
+def test_the_tombstone_selector_is_reused_across_writes_and_newer_tombstones_never_return(
+    idx: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above TOMBSTONE_SELECTOR_MIN tombstones the FAISS file is searched with an id selector; successive writes
+    reuse it (the newest tombstones, up to TOMBSTONE_SELECTOR_MIN, over-fetched and dropped) instead of
+    rebuilding it per write, and a photo deleted or replaced after it was built never comes back stale."""
+    from ruclip_search import faiss_index, search as search_mod
+    from ruclip_search.indexer import reindex
+
+    dim = idx.model.dim
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(10, dim))
+    vecs = centres[rng.integers(10, size=2000)] + rng.normal(scale=0.3, size=(2000, dim))
+    idx.add_many({"key": f"v{i}", "embedding": v} for i, v in enumerate(vecs))
+    assert reindex(idx.store.dir, "ivf", db=idx.store.url)["type"] == "ivf"
+    assert idx.refresh() is True
+    q = centres[0] / np.linalg.norm(centres[0])
+    assert idx.remove_many([f"v{i}" for i in range(1000, 1300)]) == 300
+    built = []
+    real = faiss_index.excluding
+    monkeypatch.setattr(faiss_index, "excluding", lambda ids: built.append(len(ids)) or real(ids))
+    idx.search(q, k=10)
+    assert built == [300]
+    gone: set[str] = set()
+    for step in range(40):  # each write a new snapshot: the selector stays, the write's tombstone is dropped
+        top = idx.search(q, k=10)
+        assert not {h.key for h in top} & gone
+        if step % 2:
+            assert idx.remove(top[0].key)
+        else:  # replaced far away: its old (near) vector must not be found
+            idx.add(top[0].key, embedding=-q)
+        gone.add(top[0].key)
+        top = idx.search(q, k=10)
+        assert not {h.key for h in top} & gone and len(top) == 10
+    assert built == [300]
+    more = [f"v{i}" for i in range(1300, 2000) if f"v{i}" not in gone][: search_mod.TOMBSTONE_SELECTOR_MIN]
+    assert idx.remove_many(more) == len(more)
+    gone.update(more)
+    assert not {h.key for h in idx.search(q, k=50)} & gone
+    assert built == [300, 300 + 40 + search_mod.TOMBSTONE_SELECTOR_MIN]  # rebuilt once that many more came
