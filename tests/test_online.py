@@ -592,7 +592,8 @@ def test_the_tombstone_selector_is_reused_across_writes_and_newer_tombstones_nev
     """Above TOMBSTONE_SELECTOR_MIN tombstones the FAISS file is searched with an id selector; successive writes
     reuse it (the newest tombstones, up to TOMBSTONE_SELECTOR_MIN, over-fetched and dropped) instead of
     rebuilding it per write, and a photo deleted or replaced after it was built never comes back stale."""
-    from ruclip_search import faiss_index, search as search_mod
+    from ruclip_search import faiss_index
+    from ruclip_search import search as search_mod
     from ruclip_search.indexer import reindex
 
     dim = idx.model.dim
