@@ -533,7 +533,7 @@ def test_a_large_recent_segment_is_searched_in_the_lists_the_query_probes(
     segment = idx._state.segment
     assert segment.coarse is not None and len(segment.ids) > search_mod.SEGMENT_EXACT_MAX
     ivf = _ivf_of(idx._state.faiss)
-    ivf.nprobe = 2  # of nlist lists (the tuned setting of so small a file may probe them all)
+    ivf.nprobe = segment.coarse.nprobe = 2  # of nlist lists (the tuned setting of so small a file may probe all)
     assert ivf.nlist >= 8
     _, faiss_lists = ivf.quantizer.search(segment.vecs, 1)
     done = segment.assigned  # rows get their list in batches: the newest ones, not yet, are all scored
