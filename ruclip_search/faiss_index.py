@@ -740,6 +740,18 @@ def search(
     return scores[:, :k], ids[:, :k]
 
 
+def nearest_lists(ivf: Any, vectors: np.ndarray, n: int) -> np.ndarray:
+    """int64 (len(vectors), n): the `n` IVF lists nearest each vector, as `ivf`'s quantizer ranks them (what a
+    search probes, n = nprobe; where an add puts it, n = 1). On this thread alone (see `search`)."""
+    vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return ivf.quantizer.search(vectors, int(n))[1]
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
 def _filtered_nprobe(nprobe: int, nlist: int, fraction: float) -> int:
     """nprobe for a filter passing `fraction` of the vectors: its top k lie as deep as the top k / fraction of
     all, so more lists are probed (by 1 / sqrt(fraction): text-like queries at 20 % keep recall@10 >= 0.95)."""

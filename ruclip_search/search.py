@@ -52,21 +52,33 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 log = logging.getLogger(__name__)
 
 EXACT_FALLBACK_MAX = 200_000  # filtered ANN search that misses hits is redone exactly below this many ids
+#: Up to this many recent rows an unfiltered search scores them all (~1 ms); above it, as the IVF file's lists,
+#: only the rows in the lists the query probes (see _Coarse).
+SEGMENT_EXACT_MAX = 2048
+#: New recent rows get their IVF list in batches of this many (one matrix product: ~0.1 ms a row against 4,000
+#: centroids, ~0.4 ms a row one at a time); the rows not yet assigned are scored by every search.
+ASSIGN_BATCH = 256
 VIDEO_OVERFETCH = 4  # with videos, a search asks for this many times the hits (frames collapse to their video)
 TEXT_CACHE_SIZE = defaults.TEXT_CACHE_SIZE  # text query embeddings kept per loaded model
 TOMBSTONE_SELECTOR_MIN = 256  # above this many tombstones the FAISS search excludes them by an id selector
-_last_selector: tuple[np.ndarray, Any] | None = None  # (tombstones, their selector): the latest snapshot's
+#: The latest tombstone selector: (the segment lineage it was built in, how many tombstones it covers, it).
+_last_selector: tuple[Any, int, Any] | None = None
 
 
-def _tombstone_selector(tombs: np.ndarray) -> Any:
-    """FAISS selector excluding `tombs`, reused while searches see the same (immutable) segment snapshot."""
+def _tombstone_selector(tombs: np.ndarray, lineage: Any = None) -> tuple[Any, int]:
+    """A FAISS selector excluding the first tombstones of `tombs` and how many it covers (the rest, at most
+    TOMBSTONE_SELECTOR_MIN, are the caller's to over-fetch and drop). Within one segment lineage (its `rows`)
+    tombstones only grow, each snapshot's a superset of the one before: a selector built for an earlier snapshot
+    is reused until TOMBSTONE_SELECTOR_MIN more have come, not rebuilt per write (O(tombstones) each time,
+    paid by the next search: at 200 writes/s almost every search)."""
     global _last_selector
     last = _last_selector  # one read: another thread may replace it meanwhile (then both are valid)
-    if last is not None and last[0] is tombs:
-        return last[1]
+    if (last is not None and lineage is not None and last[0] is lineage
+            and 0 <= len(tombs) - last[1] <= TOMBSTONE_SELECTOR_MIN):  # fmt: skip
+        return last[2], last[1]
     selector = faiss_index.excluding(tombs)
-    _last_selector = (tombs, selector)
-    return selector
+    _last_selector = (lineage, len(tombs), selector) if lineage is not None else None
+    return selector, len(tombs)
 
 
 ADD_FIELDS = frozenset({"key", "image", "embedding", "collection", "labels", "taken_at"})
@@ -330,25 +342,69 @@ class _Towers:
 
 class _Rows:
     """Append-only row storage shared by the successive snapshots of one segment: rows below a snapshot's
-    length are never written again, so a search keeps reading its snapshot while writes append."""
+    length are never written again, so a search keeps reading its snapshot while writes append. Each row also
+    keeps the IVF list of the FAISS file it falls in (-1 without an IVF file), so that a search can score only
+    the rows in the lists it probes."""
 
     def __init__(self, dim: int, capacity: int = 1024) -> None:
         self.ids = np.zeros(capacity, dtype=np.int64)
         self.vecs = np.zeros((capacity, dim), dtype=np.float32)
+        self.lists = np.full(capacity, -1, dtype=np.int32)
         self.n = 0
 
-    def append(self, ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Add rows; returns (ids, vecs) views of every row so far (the new snapshot's)."""
+    def append(self, ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Add rows (their lists -1: assigned later, see _Segment.apply); returns (ids, vecs, lists) views of
+        every row so far (the new snapshot's)."""
         m = len(ids)
         if self.n + m > len(self.ids):  # grow into new arrays: older snapshots keep viewing the old ones
             capacity = max(2 * len(self.ids), self.n + m)
             grown_ids = np.zeros(capacity, dtype=np.int64)
             grown_vecs = np.zeros((capacity, self.vecs.shape[1]), dtype=np.float32)
+            grown_lists = np.full(capacity, -1, dtype=np.int32)
             grown_ids[: self.n], grown_vecs[: self.n] = self.ids[: self.n], self.vecs[: self.n]
-            self.ids, self.vecs = grown_ids, grown_vecs
+            grown_lists[: self.n] = self.lists[: self.n]
+            self.ids, self.vecs, self.lists = grown_ids, grown_vecs, grown_lists
         self.ids[self.n : self.n + m], self.vecs[self.n : self.n + m] = ids, vecs
+        self.lists[self.n : self.n + m] = -1
         self.n += m
-        return self.ids[: self.n], self.vecs[: self.n]
+        return self.ids[: self.n], self.vecs[: self.n], self.lists[: self.n]
+
+
+class _Coarse:
+    """The IVF lists of a FAISS file, for the recent segment: the list a new row falls in (at write time) and
+    the lists a query probes (the file's own nprobe), both as the file's quantizer picks them. A large segment
+    is then searched like the file's lists, over the rows in the probed lists only: scoring every row made each
+    search's cost grow with the writes since the last compaction (py-spy at 1M: 12k recent rows cost 3x the
+    FAISS search itself)."""
+
+    def __init__(self, index: Any, ivf: Any) -> None:
+        self.index = index  # keeps the SWIG object `ivf` points into alive
+        self.ivf = ivf
+        # read once: every access to a SWIG attribute releases and retakes the GIL, which under concurrent
+        # writes costs a wait each time (the file's nprobe is set when it is loaded)
+        self.quantizer, self.nlist, self.nprobe = ivf.quantizer, int(ivf.nlist), max(1, int(ivf.nprobe))
+
+    @classmethod
+    def of(cls, index: Any) -> _Coarse | None:
+        """The lists of an IVF file (IVF-Flat, IVF-PQ), or None for a flat or HNSW one."""
+        ivf = faiss_index._ivf_of(index)
+        if ivf is None or ivf.nlist < 2:
+            return None
+        return cls(index, ivf)
+
+    def assign(self, vecs: np.ndarray) -> np.ndarray:
+        """int32 (m,): the list each vector falls in."""
+        if not len(vecs):
+            return np.zeros(0, dtype=np.int32)
+        return faiss_index.nearest_lists(self.ivf, vecs, 1)[:, 0].astype(np.int32)
+
+    def probed(self, query: np.ndarray) -> np.ndarray:
+        """bool (nlist,): the lists a search for `query` (d,) probes, at the file's nprobe. (One query: FAISS
+        searches it on this thread, no OpenMP team to hold back.)"""
+        lists = self.quantizer.search(query.reshape(1, -1), min(self.nprobe, self.nlist))[1][0]
+        mask = np.zeros(self.nlist, dtype=bool)
+        mask[lists[lists >= 0]] = True
+        return mask
 
 
 @dataclass(frozen=True)
@@ -362,11 +418,15 @@ class _Segment:
     live: np.ndarray  # bool (n,)
     tombs: np.ndarray  # sorted int64: every id changed since the FAISS file's seq
     rows: _Rows
+    lists: np.ndarray | None = None  # int32 (n,): each row's IVF list in the FAISS file (with `coarse`)
+    coarse: _Coarse | None = None  # the FAISS file's IVF centroids (None: flat or HNSW file, rows all scored)
+    assigned: int = 0  # rows [0, assigned) have their list in `lists` (never written again); the rest: -1
 
     @classmethod
-    def empty(cls, seq: int, dim: int) -> _Segment:
+    def empty(cls, seq: int, dim: int, coarse: _Coarse | None = None) -> _Segment:
         rows = _Rows(dim)
-        return cls(seq, rows.ids[:0], rows.vecs[:0], np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64), rows)
+        return cls(seq, rows.ids[:0], rows.vecs[:0], np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64), rows,
+                   rows.lists[:0], coarse)  # fmt: skip
 
     @property
     def size(self) -> int:
@@ -386,16 +446,27 @@ class _Segment:
         if known.any() and len(self.ids):  # only an id already changed since the FAISS file can have live rows
             live[np.isin(self.ids, touched[known])] = False
         tombs = np.insert(self.tombs, at[~known], touched[~known]) if (~known).any() else self.tombs
-        all_ids, all_vecs = self.rows.append(ids, vecs) if len(ids) else (self.ids, self.vecs)
+        all_ids, all_vecs, all_lists = self.rows.append(ids, vecs) if len(ids) else (self.ids, self.vecs, self.lists)
+        assigned = self.assigned
+        if self.coarse is not None and len(all_ids) - assigned >= ASSIGN_BATCH:
+            # rows no snapshot has read a list of yet (older ones read only below their own `assigned`)
+            all_lists[assigned:] = self.coarse.assign(all_vecs[assigned:])
+            assigned = len(all_ids)
         live = np.concatenate([live, np.ones(len(ids), dtype=bool)])
-        return _Segment(max(seq, self.seq), all_ids, all_vecs, live, tombs, self.rows)
+        return _Segment(max(seq, self.seq), all_ids, all_vecs, live, tombs, self.rows, all_lists, self.coarse,
+                        assigned)  # fmt: skip
 
     def search(self, query: np.ndarray, want: int, allowed: np.ndarray | None,
                exclude: set[int]) -> list[tuple[int, float]]:  # fmt: skip
-        """Exact top-`want` (id, score) among the live rows passing the filter."""
+        """Top-`want` (id, score) among the live rows passing the filter: exact, or above SEGMENT_EXACT_MAX rows
+        (unfiltered, IVF file) among the rows in the lists the query probes, as the file's own search does."""
         keep = self.live
         if allowed is not None and len(self.ids):
             keep = keep & np.isin(self.ids, allowed)
+        elif self.coarse is not None and self.lists is not None and len(self.ids) > SEGMENT_EXACT_MAX:
+            probed = np.ones(len(self.ids), dtype=bool)  # the rows not assigned yet: all scored
+            probed[: self.assigned] = self.coarse.probed(query[0])[self.lists[: self.assigned]]
+            keep = keep & probed
         if exclude and len(self.ids):
             keep = keep & ~np.isin(self.ids, list(exclude))
         rows = np.flatnonzero(keep)
@@ -404,6 +475,9 @@ class _Segment:
         ids = self.ids[rows]
         if len(rows) <= 64:
             scores = self.vecs[rows] @ query[0]
+        elif 4 * len(rows) < len(self.ids) and len(rows) <= 4096:  # a few rows: gathered, scored on this thread
+            # (torch's thread pool, under concurrent writes, made 300 rows cost milliseconds of waiting)
+            scores = np.einsum("ij,j->i", self.vecs[rows], query[0])
         elif 4 * len(rows) < len(self.ids):  # a few rows pass the filter: gather them
             scores = _matmul(self.vecs[rows], query[0])
         else:  # score every row in place: gathering them copied the whole segment per search (44 MB at 14k rows)
@@ -479,6 +553,7 @@ class Index:
         self._checked = time.monotonic()  # when the store's change log was last looked at
         self._compactor: threading.Thread | None = None
         self.compact_error: str | None = None  # why the last background compaction failed, if it did
+        self._videos: tuple[tuple[int, int], bool] | None = None  # (state stamp, whether videos are stored)
         # concurrent add/remove calls are committed together (one transaction and one catch-up per group)
         self._writes: GroupCommit[_WriteOp, _WriteResult] = GroupCommit(self._commit_group)
 
@@ -615,7 +690,7 @@ class Index:
                     f"The FAISS file {str(store.dir / name)!r} is corrupt: rebuild it with `ruclip-index reindex`."
                 ) from None
             faiss_seq = int(meta.get("faiss_seq") or 0)
-            segment = _caught_up(store, _Segment.empty(faiss_seq, int(index.d)))
+            segment = _caught_up(store, _Segment.empty(faiss_seq, int(index.d), _Coarse.of(index)))
             if segment is None:
                 continue  # rows changed between reading the change log and their embeddings
             return _State(
@@ -888,7 +963,7 @@ class Index:
         segment = state.segment
         assert segment is not None
         pool = len(allowed) if allowed is not None else state.count + len(segment.ids) - len(exclude)
-        if not self.store.has_videos():
+        if not self._has_videos(state):
             pairs = self._ranked(state, query, want, allowed, exclude)[int(offset) : want]
             triples = [(i, s, None) for i, s in pairs]
         else:  # frames are rows of their own: over-fetch, keep each video's best frame (and its time)
@@ -905,6 +980,18 @@ class Index:
         records = self.store.get_images([i for i, _, _ in triples])
         return [_hit(records[i], s, t) for i, s, t in triples if i in records]
 
+    def _has_videos(self, state: _State) -> bool:
+        """`store.has_videos()`, asked again only when the state this search uses has changed (a new FAISS file
+        or new changes caught up): every search asked the database (two queries) while nothing had changed."""
+        segment = state.segment
+        stamp = (state.version, segment.seq if segment is not None else state.faiss_seq)
+        cached = self._videos
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        found = self.store.has_videos()
+        self._videos = (stamp, found)
+        return found
+
     def _ranked(self, state: _State, query: np.ndarray, want: int, allowed: np.ndarray | None,
                 exclude: set[int]) -> list[tuple[int, float]]:  # fmt: skip
         """Top-`want` (id, score) rows: the FAISS file and the recent segment merged (frames are rows too)."""
@@ -917,7 +1004,7 @@ class Index:
                 pairs += segment.search(query, want, allowed, exclude)
             return sorted(pairs, key=lambda p: (-p[1], p[0]))[:want]
         pairs = self._search_main(state.faiss, segment.tombs, query, want, allowed, exclude,
-                                  fetch=self.store.embeddings_or_nan)  # fmt: skip
+                                  fetch=self.store.embeddings_or_nan, lineage=segment.rows)  # fmt: skip
         if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)
             pairs = sorted(pairs + segment.search(query, want, allowed, exclude), key=lambda p: (-p[1], p[0]))
         pool = len(allowed) if allowed is not None else state.count - len(exclude)
@@ -945,10 +1032,11 @@ class Index:
     @staticmethod
     def _search_main(
         index: Any, tombs: np.ndarray, query: np.ndarray, want: int, allowed: np.ndarray | None, exclude: set[int],
-        fetch: Any = None,
+        fetch: Any = None, lineage: Any = None,
     ) -> list[tuple[int, float]]:  # fmt: skip
         """Top-`want` (id, score) of the FAISS file, never a tombstoned (stale or deleted) or excluded id.
-        `fetch` (the store's vectors by id) re-ranks IVF-PQ candidates on the stored vectors."""
+        `fetch` (the store's vectors by id) re-ranks IVF-PQ candidates on the stored vectors; `lineage` (the
+        segment's rows) lets successive snapshots share one tombstone selector."""
         if allowed is not None:
             if len(tombs):
                 allowed = allowed[~np.isin(allowed, tombs)]
@@ -961,10 +1049,11 @@ class Index:
             # a few tombstones: ask for that many more results and drop them (no selector: a plain search)
             scores, ids = faiss_index.search(index, query, want + len(tombs) + len(exclude), fetch=fetch)
         elif len(exclude) <= TOMBSTONE_SELECTOR_MIN:
-            # the tombstones' selector is built once per segment snapshot, not per search (it costs O(tombstones),
-            # which grow with every write); the few excluded ids are asked for on top and dropped below
-            selector = _tombstone_selector(tombs)
-            scores, ids = faiss_index.search(index, query, want + len(exclude), selector, fetch=fetch)
+            # the selector covers all but the newest tombstones (at most TOMBSTONE_SELECTOR_MIN): those and the
+            # few excluded ids are asked for on top and dropped below
+            selector, covered = _tombstone_selector(tombs, lineage)
+            scores, ids = faiss_index.search(index, query, want + len(exclude) + len(tombs) - covered, selector,
+                                             fetch=fetch)  # fmt: skip
         else:
             skip = np.union1d(tombs, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
             scores, ids = faiss_index.search(index, query, want, faiss_index.excluding(skip), fetch=fetch)
@@ -975,8 +1064,10 @@ class Index:
             if i < 0 or i in exclude or (dead is not None and i in dead):
                 continue
             pairs.append((i, float(s)))
-        if dead is None and pairs:  # the selector already excluded them; filtered searches check here
-            keep = ~np.isin(np.array([p[0] for p in pairs], dtype=np.int64), tombs)
+        if dead is None and pairs:  # every tombstone checked exactly (sorted: a binary search per hit)
+            found = np.array([p[0] for p in pairs], dtype=np.int64)
+            at = np.minimum(np.searchsorted(tombs, found), len(tombs) - 1)
+            keep = tombs[at] != found
             pairs = [p for p, ok in zip(pairs, keep, strict=True) if ok]
         return pairs[:want]
 
@@ -1037,10 +1128,12 @@ class Index:
         """Indexed images most like an indexed one (by path or id), the image itself excluded."""
         f = self._filters(filters, loose)
         state = self._live_state()
-        image_id = self._resolve_id(path_or_id)
+        # by id: the embedding's one lookup says the image exists (the hot path of GET /similar); else tell why not
+        image_id = int(path_or_id) if isinstance(path_or_id, (int, np.integer)) else self._resolve_id(path_or_id)
         try:
             vec = self.store.get_embeddings([image_id])[0]
         except KeyError:
+            self._resolve_id(image_id)  # QueryError for an unknown id
             raise QueryError(f"Image {image_id} has no embedding (it failed to decode when indexed).") from None
         return self._search_vector(state, _normalise(vec), k, offset, f, exclude=(image_id,))
 

@@ -1117,7 +1117,6 @@ class Store:
 
     def get_embeddings(self, ids: Sequence[int]) -> np.ndarray:
         """float32 (len(ids), dim) embeddings in the given order; raises KeyError for an id without one."""
-        dim = self.dim or 0
         found: dict[int, bytes] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks([int(i) for i in ids]):
@@ -1125,6 +1124,8 @@ class Store:
         missing = [i for i in ids if int(i) not in found]
         if missing:
             raise KeyError(missing[0])
+        # the dimension from the rows themselves (float16) when there are any: `self.dim` is a query of its own
+        dim = len(next(iter(found.values()))) // 2 if found else (self.dim or 0)
         return decode_embeddings([found[int(i)] for i in ids], dim)
 
     def iter_embeddings(self, batch: int = 50_000, *, frames: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -501,3 +501,132 @@ def test_the_recent_segment_ranks_exactly_at_any_size() -> None:
         got = seg.search(q, want, allowed, exclude)
         assert [i for i, _ in got] == [i for i, _ in truth], t
         assert np.allclose([s for _, s in got], [s for _, s in truth], atol=1e-5)
+
+
+def test_a_large_recent_segment_is_searched_in_the_lists_the_query_probes(
+    idx: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above SEGMENT_EXACT_MAX rows over an IVF file, the segment scores only its rows in the lists the query
+    probes, as the file's quantizer assigns and probes them (not every row: that cost grew with every write):
+    each row's list is FAISS's own assignment, the ranking is exact over those lists' current rows, a new write
+    is found at once by its own vector, and a replaced or deleted id's old rows never come back."""
+    from ruclip_search import search as search_mod
+    from ruclip_search.faiss_index import _ivf_of
+    from ruclip_search.indexer import reindex
+
+    monkeypatch.setattr(search_mod, "SEGMENT_EXACT_MAX", 100)
+    dim = idx.model.dim
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(20, dim))
+
+    def near(m: int) -> np.ndarray:
+        v = centres[rng.integers(20, size=m)] + rng.normal(scale=0.3, size=(m, dim))
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+    idx.add_many({"key": f"v{i}", "embedding": v} for i, v in enumerate(near(2000)))
+    assert reindex(idx.store.dir, "ivf", db=idx.store.url)["type"] == "ivf"
+    assert idx.refresh() is True and idx._state.segment.size == 0
+    new = near(600)
+    idx.add_many({"key": f"n{i}", "embedding": v} for i, v in enumerate(new))
+    idx.add_many({"key": f"n{i}", "embedding": v} for i, v in enumerate(near(50)))  # n0..n49 replaced
+    assert idx.remove_many([f"n{i}" for i in range(50, 100)]) == 50
+    segment = idx._state.segment
+    assert segment.coarse is not None and len(segment.ids) > search_mod.SEGMENT_EXACT_MAX
+    ivf = _ivf_of(idx._state.faiss)
+    ivf.nprobe = segment.coarse.nprobe = 2  # of nlist lists (the tuned setting of so small a file may probe all)
+    assert ivf.nlist >= 8
+    _, faiss_lists = ivf.quantizer.search(segment.vecs, 1)
+    done = segment.assigned  # rows get their list in batches: the newest ones, not yet, are all scored
+    assert len(segment.ids) - search_mod.ASSIGN_BATCH < done < len(segment.ids)
+    assert np.array_equal(segment.lists[:done], faiss_lists[:done, 0]) and (segment.lists[done:] == -1).all()
+    current = {int(i): segment.vecs[j] for j, i in enumerate(segment.ids) if segment.live[j]}
+    gone = {idx.store.get_by_key(f"n{i}") for i in range(50, 100)} - {None}
+    assert len(current) == 550 and not gone
+    missed = 0
+    for t in range(30):
+        q = new[100 + t] if t % 2 else near(1)[0]
+        _, probes = ivf.quantizer.search(q[None, :], ivf.nprobe)
+        lists = dict(zip(segment.ids.tolist(), segment.lists.tolist(), strict=True))
+        ok = set(probes[0].tolist()) | {-1}
+        truth = sorted(((i, float(v @ q)) for i, v in current.items() if lists[i] in ok),
+                       key=lambda p: (-p[1], p[0]))[:10]  # fmt: skip
+        got = segment.search(q[None, :], 10, None, set())
+        assert [i for i, _ in got] == [i for i, _ in truth], t
+        missed += len(truth) < 10 or truth != sorted(((i, float(v @ q)) for i, v in current.items()),
+                                                    key=lambda p: (-p[1], p[0]))[:10]  # fmt: skip
+    assert missed  # some queries' exact top rows lie in lists they do not probe: not every row was scored
+    for i in range(100, 130):  # a write is found at once by its own vector
+        assert idx.search(new[i], k=1)[0].key == f"n{i}"
+    deleted = {f"n{j}" for j in range(50, 100)}
+    for i in range(50):  # a deleted photo never shows; a replaced one only with its new vector's score
+        for q in (new[50 + i], new[i]):
+            for h in idx.search(q, k=20):
+                assert h.key not in deleted
+                assert h.score == pytest.approx(float(idx.store.get_embeddings([h.id])[0] @ q), abs=1e-3)
+
+
+def test_whether_videos_are_stored_is_asked_again_only_when_the_index_changed(
+    idx: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every search needs to know whether to collapse video frames; the database is asked once per state of the
+    index (FAISS file and changes caught up), not per search, and again after any write."""
+    rng = np.random.default_rng(4)
+    idx.add_many({"key": f"v{i}", "embedding": rng.normal(size=idx.model.dim)} for i in range(20))
+    asked = []
+    real = idx.store.has_videos
+    monkeypatch.setattr(idx.store, "has_videos", lambda: asked.append(1) or real())
+    q = rng.normal(size=idx.model.dim)
+    for _ in range(3):
+        idx.search(q, k=5)
+    idx.similar(idx.get("v0").id, k=5)
+    assert len(asked) == 1
+    idx.add("v20", embedding=rng.normal(size=idx.model.dim))
+    idx.search(q, k=5)
+    assert len(asked) == 2
+    idx.remove("v3")
+    assert "v3" not in {h.key for h in idx.search(q, k=25)} and len(asked) == 3
+    with pytest.raises(QueryError, match="No image with id"):
+        idx.similar(10**9)
+
+
+def test_the_tombstone_selector_is_reused_across_writes_and_newer_tombstones_never_return(
+    idx: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above TOMBSTONE_SELECTOR_MIN tombstones the FAISS file is searched with an id selector; successive writes
+    reuse it (the newest tombstones, up to TOMBSTONE_SELECTOR_MIN, over-fetched and dropped) instead of
+    rebuilding it per write, and a photo deleted or replaced after it was built never comes back stale."""
+    from ruclip_search import faiss_index
+    from ruclip_search import search as search_mod
+    from ruclip_search.indexer import reindex
+
+    dim = idx.model.dim
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(10, dim))
+    vecs = centres[rng.integers(10, size=2000)] + rng.normal(scale=0.3, size=(2000, dim))
+    idx.add_many({"key": f"v{i}", "embedding": v} for i, v in enumerate(vecs))
+    assert reindex(idx.store.dir, "ivf", db=idx.store.url)["type"] == "ivf"
+    assert idx.refresh() is True
+    q = centres[0] / np.linalg.norm(centres[0])
+    assert idx.remove_many([f"v{i}" for i in range(1000, 1300)]) == 300
+    built = []
+    real = faiss_index.excluding
+    monkeypatch.setattr(faiss_index, "excluding", lambda ids: built.append(len(ids)) or real(ids))
+    idx.search(q, k=10)
+    assert built == [300]
+    gone: set[str] = set()
+    for step in range(40):  # each write a new snapshot: the selector stays, the write's tombstone is dropped
+        top = idx.search(q, k=10)
+        assert not {h.key for h in top} & gone
+        if step % 2:
+            assert idx.remove(top[0].key)
+        else:  # replaced far away: its old (near) vector must not be found
+            idx.add(top[0].key, embedding=-q)
+        gone.add(top[0].key)
+        top = idx.search(q, k=10)
+        assert not {h.key for h in top} & gone and len(top) == 10
+    assert built == [300]
+    more = [f"v{i}" for i in range(1300, 2000) if f"v{i}" not in gone][: search_mod.TOMBSTONE_SELECTOR_MIN]
+    assert idx.remove_many(more) == len(more)
+    gone.update(more)
+    assert not {h.key for h in idx.search(q, k=50)} & gone
+    assert built == [300, 300 + 40 + search_mod.TOMBSTONE_SELECTOR_MIN]  # rebuilt once that many more came

@@ -697,3 +697,27 @@ def test_the_write_fast_path_answers_exactly_as_fastapi_does(tmp_path, tiny_mode
                 assert (route == ["fast"]) is fast_expected, (method, path, body, status, got)
     fast_db, plain_db = _snapshot(tmp_path / "fast" / "index"), _snapshot(tmp_path / "plain" / "index")
     assert fast_db[1:] == plain_db[1:] and [r[:3] for r in fast_db[0]] == [r[:3] for r in plain_db[0]]
+
+
+def test_a_server_with_writes_leaves_a_core_to_them(env, tmp_path, monkeypatch):
+    """Searches run at most one per core; with writes enabled, one core fewer (at least one), so that the writer
+    thread and the event loop answering PUT/DELETE are not starved by searches (writes/s at 1M on 2 cores)."""
+    from ruclip_search.server.state import default_search_slots
+
+    def slots(app) -> int:
+        busy = app.state.server.busy
+        n = 0
+        while busy.acquire(blocking=False):
+            n += 1
+        for _ in range(n):
+            busy.release()
+        return n
+
+    cores = os.cpu_count() or 1
+    assert slots(env.app) == max(1, cores - 1)
+    read_only = create_app([env.index], token=READ, device="cpu")
+    assert slots(read_only) == cores
+    read_only.state.server.close()
+    for n, writes, expected in ((8, True, 7), (8, False, 8), (2, True, 1), (1, True, 1), (1, False, 1)):
+        monkeypatch.setattr(os, "cpu_count", lambda n=n: n)
+        assert default_search_slots("token" if writes else None) == expected
