@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from . import defaults
+from .pq_refine import Refiner
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_BELOW = 50_000  # `auto` uses exact search below this many vectors
@@ -38,11 +39,17 @@ TRAIN_PER_LIST = 40  # k-means training vectors per IVF list
 MIN_ANN = 1000  # below this many vectors an IVF/IVF-PQ request builds an exact flat index instead
 RETRAIN_GROWTH = 4.0  # an IVF index is retrained once the collection has grown past this many times its training
 RERANK_STEPS = (20, 40, 80, 160, 320, 640, 1000)  # IVF-PQ candidates re-ranked on the stored vectors (tried)
-FETCH_NS = 20_000  # re-ranking one candidate: its stored row read from the page cache and scored (13-20 us)
+REFINED_STEPS = (10, 15, 20, 30, 40, 60, 80, 120, 160, 240, 320)  # the same, after the in-memory refine code
+REFINED_HEADROOM = 2  # rows re-ranked: this many times the first depth that reaches the target (see _tune_pq)
+FETCH_NS = 100_000  # re-ranking one candidate: its stored row read and scored (IVF-PQ stores are mostly on disk)
+REFINE_DEPTH = 1000  # IVF-PQ candidates whose scores the in-memory refine code corrects (see pq_refine)
+REFINE_NS = 600  # refining one candidate: a table lookup per 8-bit sub-quantizer
+REFINE_DIMS_PER_CODE = 16  # dimensions per 8-bit refine sub-quantizer (48 bytes for 768-d: 0.5 GB at 10M)
 SCAN_NS_PER_BYTE = {4: 0.25, 8: 1.0}  # scanning one byte of PQ code, by bits per sub-quantizer (FastScan: SIMD)
 PQ_NBITS = 4  # IVF-PQ codes: 4-bit sub-quantizers scanned with SIMD (FastScan), several times faster than 8-bit
 PQ_DIMS_PER_CODE = 2  # dimensions per 4-bit sub-quantizer (192 bytes for 768-d): text-like queries' top scores
-# lie within a few hundredths, so 48-byte codes needed 1,000 re-ranked rows for recall 0.9 (tune_pq.py)
+# lie within a few hundredths, so 48-byte codes needed 1,000 re-ranked rows for recall 0.9 (tune_pq.py), and
+# 64-byte codes lost a quarter of the true top 10 beyond the first 1,000 candidates (1M, CLIP-like synth data)
 MAX_IVFPQ_LISTS = 2048  # adding 8.4M 768-d vectors to 2048 lists took 12 min on 2 cores (bench_scale.py): no more
 PROBE_QUERIES = 100  # held-out text-like queries whose exact top-10 an IVF index keeps: folds measure its recall
 PROBE_MIN = 30  # a fold measures recall only while this many of them still have a known exact top-10
@@ -51,13 +58,21 @@ KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time 
 
 log = logging.getLogger(__name__)
 
-# IVF-PQ re-ranking depth per loaded index (FAISS objects take no new attributes; dropped with the index)
+# IVF-PQ re-ranking depth, refine depth and refine code per loaded index (FAISS objects take no new attributes;
+# dropped with the index)
 _RERANK: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_REFINE_DEPTH: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_REFINER: weakref.WeakKeyDictionary[Any, Refiner] = weakref.WeakKeyDictionary()
 
 
 def rerank_depth(index: faiss.Index) -> int:
     """How many IVF-PQ candidates `search` re-ranks on the stored vectors for `index` (0: none)."""
     return _RERANK.get(index, 0)
+
+
+def refiner_of(index: faiss.Index) -> Refiner | None:
+    """The in-memory refine code of an IVF-PQ `index` (built or loaded with one), else None."""
+    return _REFINER.get(index)
 
 
 class VectorSource(Protocol):
@@ -228,25 +243,31 @@ class Plan:
     nlist: int = 0
     m: int = 0
     nbits: int = PQ_NBITS
+    refine: int = 0  # 8-bit sub-quantizers of the in-memory refine code (IVF-PQ; 0: none)
 
     def memory(self, n: int, dim: int) -> int:
         """Bytes the index holds in memory for `n` vectors."""
         if self.kind == "ivfpq":
-            return n * (self.m * self.nbits // 8 + 8) + self.nlist * dim * 4
+            return n * (self.m * self.nbits // 8 + 8 + self.refine) + self.nlist * dim * 4
         if self.kind == "hnsw":
             return n * (dim * 4 + 32 * 2 * 4 + 8)
         return n * (dim * 4 + 8) + self.nlist * dim * 4
 
 
-def _pq_m(dim: int, n: int, budget: int) -> int:
-    """4-bit sub-quantizers for IVF-PQ: one per PQ_DIMS_PER_CODE dimensions (192 bytes for 768-d, so that a
-    few hundred re-ranked rows reach the recall bar), fewer when the codes would not fit the budget. FastScan
-    needs an even count."""
+def _pq_m(dim: int, n: int, budget: int) -> tuple[int, int]:
+    """(4-bit scan sub-quantizers, 8-bit refine sub-quantizers) for IVF-PQ: one per PQ_DIMS_PER_CODE and per
+    REFINE_DIMS_PER_CODE dimensions (192 + 48 bytes for 768-d, so that a few dozen re-ranked rows reach the
+    recall bar); when they would not fit the budget the refine code shrinks first (to none), then the scan code.
+    FastScan needs an even count."""
     divisors = [m for m in range(2, dim + 1, 2) if dim % m == 0] or [dim]
     m = max([d for d in divisors if d <= max(2, dim // PQ_DIMS_PER_CODE)] or [divisors[0]])
+    fine = [d for d in range(1, dim + 1) if dim % d == 0 and dim // d <= 4 * REFINE_DIMS_PER_CODE]
+    r = max([d for d in fine if d <= max(1, dim // REFINE_DIMS_PER_CODE)] or [0])
+    while r and n * (m * PQ_NBITS // 8 + 8 + r) > budget:
+        r = max([d for d in fine if d < r] or [0])
     while n * (m * PQ_NBITS // 8 + 8) > budget and m > divisors[0]:
         m = max(d for d in divisors if d < m)
-    return m
+    return m, r
 
 
 def plan(n: int, dim: int, kind: str = "auto", *, memory_budget: int | None = None, flat_below: int | None = None,
@@ -264,7 +285,8 @@ def plan(n: int, dim: int, kind: str = "auto", *, memory_budget: int | None = No
         return Plan("ivf", nlist=max(1, min(int(4 * math.sqrt(n)), n // 39)))
     if kind == "ivfpq":
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39, MAX_IVFPQ_LISTS))
-        return Plan("ivfpq", nlist=nlist, m=_pq_m(dim, n, budget))
+        m, refine = _pq_m(dim, n, budget)
+        return Plan("ivfpq", nlist=nlist, m=m, refine=refine)
     return Plan(kind)
 
 
@@ -349,8 +371,12 @@ def build(
     if p.kind != "flat" and n:
         sample = np.ascontiguousarray(source.sample(min(n, _train_size(p, n)), seed=0)[1], dtype=np.float32)
         log.info("sampled %d vectors in %.1f s", len(sample), time.perf_counter() - t0)
+    refiner = None
     if p.kind in ("ivf", "ivfpq") and n:
         _train(index, sample)
+        if p.refine and _pq_of(index) is not None:
+            refiner = Refiner.train(_pq_of(index).pq, p.refine, sample)
+            _REFINER[index] = refiner
         log.info("trained in %.1f s", time.perf_counter() - t0)
     truth = probe = None
     if p.kind != "flat" and n:
@@ -364,6 +390,8 @@ def build(
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         index.add_with_ids(vectors, ids)
+        if refiner is not None:
+            refiner.add(ids, vectors)
         for top in (truth, probe):
             if top is not None:
                 top.add(ids, vectors)
@@ -475,8 +503,11 @@ def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarra
     are read once (cached across steps) and only as deep as the R being tried: at 10M they come from disk."""
     k = truth.shape[1]
     n, nlist = max(1, index.ntotal), int(ivf.nlist)
-    depth = min(RERANK_STEPS[-1], n)
+    refiner = refiner_of(index)
+    steps = REFINED_STEPS if refiner is not None else RERANK_STEPS
+    depth = min(REFINE_DEPTH if refiner is not None else RERANK_STEPS[-1], n)
     scan_ns = ivf.code_size * SCAN_NS_PER_BYTE.get(int(ivf.pq.nbits), 1.0)
+    refine_ns = REFINE_NS * depth if refiner is not None else 0
     cache: dict[int, np.ndarray] = {}
 
     def rows(ids: np.ndarray) -> np.ndarray:  # (Q, R) candidate ids -> (Q, R, D) stored vectors
@@ -489,17 +520,21 @@ def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarra
         return flat.astype(np.float32).reshape(ids.shape[0], ids.shape[1], index.d)
 
     options: list[tuple[float, float, int, int]] = []  # (cost, recall, nprobe, R)
+    cand_at: dict[int, np.ndarray] = {}  # refined candidates by nprobe
     fallback = (0.0, 1, depth)
     nprobe, after = max(1, nlist // 64), 0
     while True:
         ivf.nprobe = nprobe
-        cand = _search_plain(index, queries, depth)[1]
-        for r in [s for s in RERANK_STEPS if s < depth] + [depth]:
+        approx, cand = _search_plain(index, queries, depth)
+        if refiner is not None:
+            cand = _refined(refiner, queries, approx, cand, depth)
+            cand_at[nprobe] = cand
+        for r in [s for s in steps if s < depth] + [depth]:
             recall = _recall(_rerank(queries, cand[:, :r], rows(cand[:, :r]), k)[1], truth)
             if recall > fallback[0]:
                 fallback = (recall, nprobe, r)
             if recall >= target:
-                options.append((nprobe * n / nlist * scan_ns + FETCH_NS * r, recall, nprobe, r))
+                options.append((nprobe * n / nlist * scan_ns + refine_ns + FETCH_NS * r, recall, nprobe, r))
                 break
         log.info("nprobe %d: best recall@10 %.4f", nprobe, max(fallback[0], options[-1][1] if options else 0))
         after += bool(options)
@@ -510,9 +545,30 @@ def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarra
         _, recall, nprobe, r = min(options)
     else:
         recall, nprobe, r = fallback
+    if refiner is not None and r < depth:
+        # Refined rankings put the last true neighbours of harder queries a little deeper than the tuning queries':
+        # at 10M, other text-like queries lost 0.026 of recall@10 against the tuning queries' at the same setting,
+        # more than TUNE_MARGIN. Reading twice the first sufficient depth keeps them above the bar (the rows are
+        # few now, so this costs a few ms); the recall recorded is that of the depth used.
+        r = min(depth, REFINED_HEADROOM * r)
+        recall = _recall(_rerank(queries, cand_at[nprobe][:, :r], rows(cand_at[nprobe][:, :r]), k)[1], truth)
     ivf.nprobe = nprobe
     _RERANK[index] = r
-    return recall, {"nprobe": nprobe, "nlist": nlist, "rerank": r}
+    if refiner is None:
+        return recall, {"nprobe": nprobe, "nlist": nlist, "rerank": r}
+    _REFINE_DEPTH[index] = depth
+    return recall, {"nprobe": nprobe, "nlist": nlist, "rerank": r, "refine": depth}
+
+
+def _refined(refiner: Refiner, queries: np.ndarray, approx: np.ndarray, ids: np.ndarray, keep: int) -> np.ndarray:
+    """The first `keep` of each query's candidate `ids` (Q, R) by their refined scores (pq_refine), best first;
+    -1 where fewer."""
+    out = np.full((len(ids), min(keep, ids.shape[1])), -1, dtype=np.int64)
+    for j, (q, a, i) in enumerate(zip(queries, approx, ids, strict=True)):
+        s = refiner.scores(q, i, a)
+        order = np.argsort(-s, kind="stable")[: out.shape[1]]
+        out[j] = np.where(np.isfinite(s[order]), i[order], -1)
+    return out
 
 
 def update(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, gone: np.ndarray) -> faiss.Index:
@@ -527,6 +583,9 @@ def update(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, gone: np.nd
         index.remove_ids(faiss.IDSelectorBatch(len(drop), faiss.swig_ptr(drop)))
     for s in range(0, len(ids), 50_000):
         index.add_with_ids(np.ascontiguousarray(vectors[s : s + 50_000], dtype=np.float32), ids[s : s + 50_000])
+    refiner = refiner_of(index)
+    if refiner is not None:  # removed ids keep their stale codes: the scan no longer returns them
+        refiner.add(ids, vectors)
     return index
 
 
@@ -567,11 +626,20 @@ def apply_params(index: faiss.Index, params: dict[str, Any]) -> None:
         hnsw.hnsw.efSearch = int(params["efSearch"])
     if "rerank" in params:
         _RERANK[index] = int(params["rerank"])
+    if "refine" in params:
+        if refiner_of(index) is not None:
+            _REFINE_DEPTH[index] = int(params["refine"])
+        else:  # tuned with a refine code that is missing: re-rank all the candidates it would have refined
+            _RERANK[index] = max(int(params.get("rerank", 0)), int(params["refine"]))
 
 
 def save_atomic(index: faiss.Index, path: str | os.PathLike[str]) -> Path:
-    """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder."""
+    """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder (an IVF-PQ index's
+    refine code first, beside it: pq_refine.sidecar)."""
     path = Path(path)
+    refiner = refiner_of(index)
+    if refiner is not None:  # before the FAISS file: a file that is there always has its refine code
+        refiner.save(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         os.close(fd)
@@ -604,6 +672,11 @@ def load(path: str | os.PathLike[str], *, mmap: bool = True, params: dict[str, A
             index = None
     if index is None:
         index = faiss.read_index(path)
+    pq = _pq_of(index)
+    if pq is not None:
+        refiner = Refiner.load(path, pq.pq)
+        if refiner is not None:
+            _REFINER[index] = refiner
     if params:
         apply_params(index, params)
     return index
@@ -646,6 +719,9 @@ def search(
     k = max(1, min(int(k), max(index.ntotal, 1)))
     rerank = rerank_depth(index) if fetch is not None else 0
     depth = max(k, min(rerank, index.ntotal))
+    refiner = refiner_of(index) if rerank else None
+    if refiner is not None:  # the scan's candidates, refined in memory: only the best `rerank` are read
+        depth = max(depth, min(_REFINE_DEPTH.get(index, REFINE_DEPTH), index.ntotal))
     if len(queries) > SINGLE_THREAD_BELOW:
         scores, ids = _search(index, queries, depth, id_selector, k)
     else:
@@ -657,6 +733,8 @@ def search(
             scores, ids = _search(index, queries, depth, id_selector, k)
         finally:
             faiss.omp_set_num_threads(threads)
+    if refiner is not None:
+        ids = _refined(refiner, queries, scores, ids, max(rerank, k))
     if rerank:
         scores, ids = _rerank(queries, ids, _fetch_rows(fetch, ids, index.d), k)
     return scores[:, :k], ids[:, :k]

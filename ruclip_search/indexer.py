@@ -23,6 +23,7 @@ import numpy as np
 from . import defaults, faiss_index
 from .errors import ModelMismatchError, RuclipSearchError, StorageError
 from .loader import MAIN_GUARD_HINT, FileMeta, Loaded, _Decoder, hash_file
+from .pq_refine import sidecar as refine_sidecar
 from .store import DB_NAME, ImageWrite, IndexLock, ScanRow, Store, encode_embedding
 from .walk import walk, walk_paths
 
@@ -238,8 +239,9 @@ def _share_cpus(model: Any, workers: int) -> int | None:
 def _clean_stale_files(store: Store) -> None:
     """Remove FAISS files and temp files left by an interrupted build (not the one meta names)."""
     current = store.get_meta("faiss_file")
+    keep = {current, refine_sidecar(current).name} if current else set()  # with its IVF-PQ refine code
     for p in store.dir.iterdir():
-        if (p.name.startswith("faiss-") and p.name != current) or p.name.endswith(".tmp"):
+        if (p.name.startswith("faiss-") and p.name not in keep) or p.name.endswith(".tmp"):
             try:
                 p.unlink()
             except OSError:
@@ -290,10 +292,11 @@ def write_faiss(
         probe = info.get("recall_probe")
         store.set_meta(recall_probe=json.dumps(probe) if probe is not None else None)
     if old and old != name:
-        try:
-            (store.dir / old).unlink()
-        except OSError:
-            pass
+        for path in (store.dir / old, refine_sidecar(store.dir / old)):  # with its IVF-PQ refine code
+            try:
+                path.unlink()
+            except OSError:
+                pass
     return info
 
 
@@ -703,16 +706,19 @@ def _switch(live: Store, staged: Store) -> None:
     if source is not None and source.exists():
         name = f"faiss-{version}.index"
         try:
+            if refine_sidecar(source).exists():  # an IVF-PQ file's refine code goes first, under its name
+                os.replace(refine_sidecar(source), refine_sidecar(live.dir / name))
             os.replace(source, live.dir / name)  # before the commit; an orphan left by a crash is cleaned later
         except OSError as e:
             raise StorageError(f"Cannot move the new FAISS index into {str(live.dir)!r}: {e.strerror or e}.") from e
     old = live.get_meta("faiss_file")
     live.replace_with(staged, faiss_file=name, index_version=str(version))
     if old and old != name:
-        try:
-            (live.dir / old).unlink()
-        except OSError:
-            pass
+        for path in (live.dir / old, refine_sidecar(live.dir / old)):
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 def _apply_known_content(

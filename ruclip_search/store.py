@@ -17,6 +17,7 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -532,6 +533,19 @@ def _rows_or_nan(found: dict[int, bytes], ids: Sequence[int], dim: int) -> np.nd
     if have:
         out[have] = decode_embeddings([found[int(ids[j])] for j in have], dim)
     return out
+
+
+VECTOR_READ_THREADS = 4  # embeddings_or_nan: parts read at once (the vector engine's pool holds as many)
+VECTOR_READ_PART = 16  # ... of at least this many ids (fewer rows: one statement is faster)
+_VECTOR_POOL: ThreadPoolExecutor | None = None
+
+
+def _vector_pool() -> ThreadPoolExecutor:
+    """Threads that read parts of a re-ranking's rows at once (shared by every store of the process)."""
+    global _VECTOR_POOL
+    if _VECTOR_POOL is None:
+        _VECTOR_POOL = ThreadPoolExecutor(VECTOR_READ_THREADS, thread_name_prefix="ruclip-vectors")
+    return _VECTOR_POOL
 
 
 def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
@@ -1175,23 +1189,35 @@ class Store:
         ids = [int(i) for i in ids]
         if not ids:
             return np.zeros((0, self.dim or 0), dtype=np.float32)
+        if self.dialect == "sqlite" and self.readonly and len(ids) >= 2 * VECTOR_READ_PART:
+            # rows not in the page cache cost a disk read each (~0.3 ms at 10M): read parts of the sorted ids
+            # on the pool's connections at once (SQLite lets go of the GIL while it waits), about 2x faster
+            order = sorted(ids)
+            size = max(VECTOR_READ_PART, -(-len(order) // VECTOR_READ_THREADS))
+            parts = [order[s : s + size] for s in range(0, len(order), size)]
+            self._vector_engine()  # made once, here, not by the threads at once
+            rows = [r for part in _vector_pool().map(self._vector_rows, parts) for r in part]
+        else:
+            rows = self._vector_rows(ids)
+        # the dimension from the rows themselves (float16): `self.dim` is a query of its own
+        dim = len(rows[0][1]) // 2 if rows else (self.dim or 0)
+        return _rows_or_nan({int(i): bytes(b) for i, b in rows}, ids, dim)
+
+    def _vector_rows(self, ids: list[int]) -> list[tuple[int, bytes]]:
+        """(id, float16 blob) of those `ids` that have an embedding, on one pooled connection."""
         with self._vector_engine().connect() as conn:
             if self.dialect == "sqlite":  # the DB-API cursor: SQLAlchemy's rows cost ~15 us each here
                 cur = conn.connection.cursor()
                 try:
-                    rows = cur.execute(
+                    return cur.execute(
                         "SELECT i.id, i.embedding FROM json_each(?) AS j JOIN images AS i ON i.id = j.value "
                         "WHERE i.embedding IS NOT NULL",
                         (json.dumps(ids),),
                     ).fetchall()
                 finally:
                     cur.close()
-            else:
-                query = sa.text("SELECT id, embedding FROM images WHERE id = ANY(:ids) AND embedding IS NOT NULL")
-                rows = [tuple(r) for r in conn.execute(query, {"ids": ids})]
-        # the dimension from the rows themselves (float16): `self.dim` is a query of its own
-        dim = len(rows[0][1]) // 2 if rows else (self.dim or 0)
-        return _rows_or_nan({int(i): bytes(b) for i, b in rows}, ids, dim)
+            query = sa.text("SELECT id, embedding FROM images WHERE id = ANY(:ids) AND embedding IS NOT NULL")
+            return [tuple(r) for r in conn.execute(query, {"ids": ids})]
 
     def _vector_engine(self) -> sa.Engine:
         """The engine `embeddings_or_nan` reads through: SQLite readers keep a small pool of connections (the
@@ -1201,9 +1227,14 @@ class Store:
         engine = getattr(self, "_vectors", None)
         if engine is None:
             assert self.db_path is not None
-            engine = sa.create_engine("sqlite://", creator=_connector(self.db_path, True), pool_size=4)
+            # a queue of connections, each used by one thread at a time (the "sqlite://" URL's default pool keeps
+            # one per thread and closes the oldest past pool_size, under a thread still reading it)
+            engine = sa.create_engine("sqlite://", creator=_connector(self.db_path, True), poolclass=sa.pool.QueuePool,
+                                      pool_size=VECTOR_READ_THREADS + 4, max_overflow=8)  # fmt: skip
             sa.event.listen(engine, "connect", _on_connect(True))
-            sa.event.listen(engine, "connect", lambda c, _r: c.execute("PRAGMA cache_size=-65536"))
+            # 16 MB of pages each: the parallel parts' connections each keep their own cache (64 MB each cost
+            # 0.2 GB of serving RSS at 10M), and the B-tree's upper pages fit; the rest comes from the OS cache
+            sa.event.listen(engine, "connect", lambda c, _r: c.execute("PRAGMA cache_size=-16384"))
             sa.event.listen(engine, "handle_error", _damaged(self.db_path, True))
             self._vectors = engine
         return engine

@@ -143,10 +143,18 @@ def step_serve(folder: Path) -> dict:
         t0 = time.perf_counter()
         faiss_index.search(state.faiss, q[None], K)
         scan_ms.append((time.perf_counter() - t0) * 1e3)
+    read_ms: list[float] = []  # per query: reading the re-ranked rows from the store
+
+    def fetch(ids: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        out = idx.store.embeddings_or_nan(ids)
+        read_ms[-1] += (time.perf_counter() - t) * 1e3
+        return out
+
     for q in queries:
+        read_ms.append(0.0)
         t0 = time.perf_counter()
-        pairs = idx._search_main(state.faiss, state.segment.tombs, q[None], K, None, set(),
-                                 fetch=idx.store.embeddings_or_nan)  # fmt: skip
+        pairs = idx._search_main(state.faiss, state.segment.tombs, q[None], K, None, set(), fetch=fetch)
         t1 = time.perf_counter()
         hits = idx.search(q, k=K)
         t2 = time.perf_counter()
@@ -163,7 +171,7 @@ def step_serve(folder: Path) -> dict:
     return {
         "open_s": open_s, "rss_mb": rss, "hwm_mb": hwm, "faiss_p50_ms": float(np.median(faiss_ms)),
         "faiss_p95_ms": float(np.percentile(faiss_ms, 95)), "search_p50_ms": float(np.median(search_ms)),
-        "scan_p50_ms": float(np.median(scan_ms)),
+        "scan_p50_ms": float(np.median(scan_ms)), "read_p50_ms": float(np.median(read_ms)),
         "text_query_ms": text_ms, "recall_at_10": _recall(found, truth), "full_pages": all(len(f) == K for f in found),
         "same_as_faiss_path": same, "index_type": info.get("index_type"), "params": info.get("index_params"),
         "recorded_recall": info.get("recall_at_10"),
@@ -265,7 +273,8 @@ def main() -> None:
              "<= 4 GB"),
             ("single-query FAISS p50 (ANN + re-rank)", f"{s['faiss_p50_ms']:.1f} ms (p95 {s['faiss_p95_ms']:.1f})",
              "<= 20 ms"),
-            ("  of which the ANN scan alone, p50", f"{s['scan_p50_ms']:.1f} ms", "-"),
+            ("  of which the ANN scan alone (k=10), p50", f"{s['scan_p50_ms']:.1f} ms", "-"),
+            ("  of which reading the re-ranked rows, p50", f"{s['read_p50_ms']:.1f} ms", "-"),
             ("Index.search(vector) p50 (+ metadata)", f"{s['search_p50_ms']:.1f} ms", "-"),
             ("recall@10, held-out text-like queries vs exact", f"{s['recall_at_10']:.3f} (recorded "
              f"{s['recorded_recall']})", ">= 0.95"),

@@ -130,7 +130,9 @@ def test_type_and_tuned_recall(built, kind: str) -> None:
     else:
         ivf = faiss.extract_index_ivf(index)
         expected = {"nprobe": ivf.nprobe, "nlist": ivf.nlist} | (
-            {"rerank": faiss_index.rerank_depth(index)} if kind == "ivfpq" else {}
+            {"rerank": faiss_index.rerank_depth(index), "refine": faiss_index._REFINE_DEPTH[index]}
+            if kind == "ivfpq"
+            else {}
         )
         assert info["params"] == expected and ivf.nlist > 1
     assert info["recall_at_10"] >= faiss_index.MIN_RECALL + faiss_index.TUNE_MARGIN
@@ -228,7 +230,10 @@ def test_filtered_search_uses_tuned_parameters(built) -> None:
 def test_params_restored_on_load(built, tmp_path: Path, kind: str) -> None:
     index, info, (_, _, queries) = built[kind]
     path = faiss_index.save_atomic(index, tmp_path / "x.index")
-    assert [p.name for p in tmp_path.iterdir()] == ["x.index"]  # no temp file left behind
+    # no temp file left behind (IVF-PQ: its refine code beside it)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.index"] + (
+        ["x.index.refine.npz"] if kind == "ivfpq" else []
+    )
     before = faiss_index.search(index, queries, K)
     for mmap in (True, False):
         loaded = faiss_index.load(path, mmap=mmap, params=info["params"])

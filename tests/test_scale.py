@@ -284,3 +284,71 @@ def test_reranking_reads_rows_by_id_on_both_databases(tmp_path: Path, db: str | 
             assert reader.embeddings_or_nan([]).shape == (0, DIM)
             writer.delete_keys(["p7"])
             assert np.isnan(reader.embeddings_or_nan([ids[7]])).all()
+
+
+def test_many_reranked_rows_are_read_in_parallel_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SQLite reader asked for many rows reads parts of the sorted ids on several pooled connections at once
+    (rows not in the page cache each cost a disk read), with the same answer as one statement: asked order,
+    repeats, NaN rows for deleted and unknown ids."""
+    import threading
+
+    from ruclip_search import store as store_module
+
+    with Store.create(tmp_path / "idx") as writer:
+        with writer.transaction() as conn:
+            writer.set_model(conn, "m", DIM)
+        vecs, _ = vectors(300, seed=22)
+        ids = put(writer, vecs)
+        writer.delete_keys(["p5", "p6"])
+    rng = np.random.default_rng(0)
+    ask = [*rng.permutation(ids).tolist(), 10**9, ids[9], -4]
+    with Store.open(tmp_path / "idx") as reader:
+        one = reader.embeddings_or_nan(ask)  # below 2 x VECTOR_READ_PART: one statement
+        monkeypatch.setattr(store_module, "VECTOR_READ_PART", 8)
+        threads: set[int] = set()
+        parts: list[list[int]] = []
+        real = Store._vector_rows
+
+        def spy(self, part):
+            threads.add(threading.get_ident())
+            parts.append(part)
+            return real(self, part)
+
+        monkeypatch.setattr(Store, "_vector_rows", spy)
+        many = reader.embeddings_or_nan(ask)
+    assert len(parts) == store_module.VECTOR_READ_THREADS and threading.get_ident() not in threads
+    assert sorted(i for p in parts for i in p) == sorted(ask)
+    np.testing.assert_array_equal(np.isnan(many), np.isnan(one))
+    np.testing.assert_allclose(many[~np.isnan(many)], one[~np.isnan(one)])
+    by_id = dict(zip(ids, vecs, strict=True))
+    for j, i in enumerate(ask):
+        if i in by_id and i not in (ids[5], ids[6]):
+            np.testing.assert_allclose(many[j], by_id[i], atol=1e-3)
+        else:
+            assert np.isnan(many[j]).all()
+
+
+def test_ivfpq_refine_code_lives_and_goes_with_its_faiss_file(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An IVF-PQ file's refine code is written beside it, replaced with it by the next version (a fold), kept by the
+    stale-file sweep while its file is current, and removed with it; a reader loads it with the file."""
+    from ruclip_search.indexer import _clean_stale_files
+    from ruclip_search.pq_refine import sidecar
+
+    vecs, centres = vectors(3000, seed=4)
+    put(store, vecs)
+    monkeypatch.setattr(faiss_index, "FLAT_BELOW", 1000)
+    info = write_faiss(store, "auto", memory_budget=3000 * DIM * 4 // 2)
+    first = store.faiss_path()
+    assert info["type"] == "ivfpq" and "refine" in info["params"] and sidecar(first).exists()
+    put(store, vectors(30, seed=5)[0], 5000)
+    assert not write_faiss(store)["retrained"]
+    second = store.faiss_path()
+    assert second != first and sidecar(second).exists()
+    assert not first.exists() and not sidecar(first).exists()
+    stray = store.dir / "faiss-99.index.refine.npz"
+    stray.write_bytes(b"x")
+    _clean_stale_files(store)
+    assert sidecar(second).exists() and not stray.exists()
+    index = faiss_index.load(second, params=json.loads(store.get_meta("index_params")))
+    refiner = faiss_index.refiner_of(index)
+    assert refiner is not None and len(refiner.codes) > max(stored(store)[0])  # the fold's vectors are in it
