@@ -85,7 +85,7 @@ class ServerState:
     # Model and FAISS work uses all cores by itself: more concurrent queries than cores only thrash. With writes
     # enabled one core is left to the writer thread and the event loop that answer PUT/DELETE (None: that rule).
     # Measured at 1M photos on 2 cores, 4 writers beside 4 searchers, all flat out: with 2 search slots the
-    # searches took the CPU and writes reached 119-164/s; with 1, 225/s (searches/s alone: 234 -> 184).
+    # searches took the CPU and writes reached 119-164/s (5 runs); with 1, 225, 289 and 154/s (3 runs).
     search_slots: int | None = None
     busy: threading.BoundedSemaphore = field(init=False)
     # Decoding an image (a thumbnail's original, an upload) can allocate width x height x 3 bytes, so it runs
