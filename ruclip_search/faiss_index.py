@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import faiss
 import numpy as np
 
 from . import defaults
+from ._files import replace_atomically
 from .pq_refine import Refiner
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
@@ -640,24 +640,7 @@ def save_atomic(index: faiss.Index, path: str | os.PathLike[str]) -> Path:
     refiner = refiner_of(index)
     if refiner is not None:  # before the FAISS file: a file that is there always has its refine code
         refiner.save(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.close(fd)
-        faiss.write_index(index, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_atomically(path, lambda tmp: faiss.write_index(index, tmp))
     return path
 
 

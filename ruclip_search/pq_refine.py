@@ -15,12 +15,13 @@ It lives beside the FAISS file (`<file>.refine.npz`): `save` / `load`.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+
+from ._files import replace_atomically
 
 REFINE_BITS = 8
 REFINE_TRAIN = 65_536  # residuals that train the 8-bit codebooks (256 centroids x 256 per sub-quantizer)
@@ -82,22 +83,13 @@ class Refiner:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the codebooks and codes beside the FAISS file `path` (temp file, fsync, rename)."""
-        target = sidecar(path)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
                 np.savez(f, centroids=faiss.vector_to_array(self.pq.centroids), m=np.int64(self.m),
                          dim=np.int64(self.dim), codes=self.codes)  # fmt: skip
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return target
+
+        return replace_atomically(sidecar(path), write)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], scan_pq: Any) -> Refiner | None:
