@@ -61,23 +61,20 @@ ASSIGN_BATCH = 256
 VIDEO_OVERFETCH = 4  # with videos, a search asks for this many times the hits (frames collapse to their video)
 TEXT_CACHE_SIZE = defaults.TEXT_CACHE_SIZE  # text query embeddings kept per loaded model
 TOMBSTONE_SELECTOR_MIN = 256  # above this many tombstones the FAISS search excludes them by an id selector
-#: The latest tombstone selector: (the segment lineage it was built in, how many tombstones it covers, it).
-_last_selector: tuple[Any, int, Any] | None = None
 
 
-def _tombstone_selector(tombs: np.ndarray, lineage: Any = None) -> tuple[Any, int]:
+def _tombstone_selector(tombs: np.ndarray, lineage: _Rows | None = None) -> tuple[Any, int]:
     """A FAISS selector excluding the first tombstones of `tombs` and how many it covers (the rest, at most
     TOMBSTONE_SELECTOR_MIN, are the caller's to over-fetch and drop). Within one segment lineage (its `rows`)
     tombstones only grow, each snapshot's a superset of the one before: a selector built for an earlier snapshot
     is reused until TOMBSTONE_SELECTOR_MIN more have come, not rebuilt per write (O(tombstones) each time,
     paid by the next search: at 200 writes/s almost every search)."""
-    global _last_selector
-    last = _last_selector  # one read: another thread may replace it meanwhile (then both are valid)
-    if (last is not None and lineage is not None and last[0] is lineage
-            and 0 <= len(tombs) - last[1] <= TOMBSTONE_SELECTOR_MIN):  # fmt: skip
-        return last[2], last[1]
+    last = lineage.selector if lineage is not None else None  # one read: another thread may replace it
+    if last is not None and 0 <= len(tombs) - last[0] <= TOMBSTONE_SELECTOR_MIN:
+        return last[1], last[0]
     selector = faiss_index.excluding(tombs)
-    _last_selector = (lineage, len(tombs), selector) if lineage is not None else None
+    if lineage is not None:
+        lineage.selector = (len(tombs), selector)
     return selector, len(tombs)
 
 
@@ -351,6 +348,8 @@ class _Rows:
         self.vecs = np.zeros((capacity, dim), dtype=np.float32)
         self.lists = np.full(capacity, -1, dtype=np.int32)
         self.n = 0
+        #: the latest tombstone selector built in this lineage: (how many tombstones it covers, it)
+        self.selector: tuple[int, Any] | None = None
 
     def append(self, ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Add rows (their lists -1: assigned later, see _Segment.apply); returns (ids, vecs, lists) views of
@@ -1032,7 +1031,7 @@ class Index:
     @staticmethod
     def _search_main(
         index: Any, tombs: np.ndarray, query: np.ndarray, want: int, allowed: np.ndarray | None, exclude: set[int],
-        fetch: Any = None, lineage: Any = None,
+        fetch: Any = None, lineage: _Rows | None = None,
     ) -> list[tuple[int, float]]:  # fmt: skip
         """Top-`want` (id, score) of the FAISS file, never a tombstoned (stale or deleted) or excluded id.
         `fetch` (the store's vectors by id) re-ranks IVF-PQ candidates on the stored vectors; `lineage` (the
