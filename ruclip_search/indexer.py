@@ -236,6 +236,15 @@ def _share_cpus(model: Any, workers: int) -> int | None:
     return old
 
 
+def _remove_faiss_file(path: Path) -> None:
+    """Delete a replaced FAISS file and its IVF-PQ refine code, if still there (a reader may hold it open)."""
+    for p in (path, refine_sidecar(path)):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def _clean_stale_files(store: Store) -> None:
     """Remove FAISS files and temp files left by an interrupted build (not the one meta names)."""
     current = store.get_meta("faiss_file")
@@ -292,11 +301,7 @@ def write_faiss(
         probe = info.get("recall_probe")
         store.set_meta(recall_probe=json.dumps(probe) if probe is not None else None)
     if old and old != name:
-        for path in (store.dir / old, refine_sidecar(store.dir / old)):  # with its IVF-PQ refine code
-            try:
-                path.unlink()
-            except OSError:
-                pass
+        _remove_faiss_file(store.dir / old)
     return info
 
 
@@ -714,11 +719,7 @@ def _switch(live: Store, staged: Store) -> None:
     old = live.get_meta("faiss_file")
     live.replace_with(staged, faiss_file=name, index_version=str(version))
     if old and old != name:
-        for path in (live.dir / old, refine_sidecar(live.dir / old)):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+        _remove_faiss_file(live.dir / old)
 
 
 def _apply_known_content(
