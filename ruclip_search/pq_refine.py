@@ -15,6 +15,7 @@ It lives beside the FAISS file (`<file>.refine.npz`): `save` / `load`.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import faiss
 import numpy as np
 
 from ._files import replace_atomically
+from .errors import StorageError
 
 REFINE_BITS = 8
 REFINE_TRAIN = 65_536  # residuals that train the 8-bit codebooks (256 centroids x 256 per sub-quantizer)
@@ -95,13 +97,26 @@ class Refiner:
     def load(cls, path: str | os.PathLike[str], scan_pq: Any) -> Refiner | None:
         """The refine code kept beside the FAISS file `path`, or None when there is none (older files)."""
         target = sidecar(path)
-        if not target.exists():
+        try:
+            with np.load(target) as z:
+                m, dim = int(z["m"]), int(z["dim"])
+                centroids = np.ascontiguousarray(z["centroids"], dtype=np.float32)
+                codes = np.ascontiguousarray(z["codes"], dtype=np.uint8)
+        except FileNotFoundError:
             return None
-        with np.load(target) as z:
-            m, dim = int(z["m"]), int(z["dim"])
-            pq = faiss.ProductQuantizer(dim, m, REFINE_BITS)
-            faiss.copy_array_to_vector(np.ascontiguousarray(z["centroids"], dtype=np.float32), pq.centroids)
-            return cls(scan_pq, pq, np.ascontiguousarray(z["codes"], dtype=np.uint8))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # torn or foreign file
+            raise StorageError(
+                f"The refine code {str(target)!r} of the FAISS file is damaged ({e}): rebuild it with "
+                "`ruclip-index reindex`."
+            ) from None
+        pq = faiss.ProductQuantizer(dim, m, REFINE_BITS)
+        if centroids.size != pq.centroids.size() or codes.ndim != 2 or codes.shape[1] != m:
+            raise StorageError(
+                f"The refine code {str(target)!r} of the FAISS file is damaged (its sizes disagree): rebuild it "
+                "with `ruclip-index reindex`."
+            )
+        faiss.copy_array_to_vector(centroids, pq.centroids)
+        return cls(scan_pq, pq, codes)
 
 
 def _residual(scan_pq: Any, x: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ vector), as in test_ann.py.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import faiss
@@ -127,6 +128,28 @@ def test_refine_code_is_saved_beside_the_file_and_older_files_still_load(built, 
     old_params = {k: v for k, v in info["params"].items() if k != "refine"} | {"rerank": 320}
     older = faiss_index.load(path, params=old_params)  # tuned before refine codes existed
     assert faiss_index.refiner_of(older) is None and faiss_index.rerank_depth(older) == 320
+
+
+def test_a_damaged_refine_code_is_a_clear_error_and_touches_nothing(built, tmp_path: Path) -> None:
+    """A torn or foreign refine file says which file and to reindex (a StorageError, not a zip or numpy error),
+    and neither it nor the FAISS file is changed by the attempt."""
+    from ruclip_search.errors import StorageError
+
+    index, info, *_ = built
+    path = faiss_index.save_atomic(index, tmp_path / "faiss-4.index")
+    good = sidecar(path).read_bytes()
+    faiss_bytes = path.read_bytes()
+    sidecar(path).write_bytes(good[: len(good) // 2])  # torn
+    with pytest.raises(StorageError, match=r"refine code .*faiss-4\.index\.refine\.npz.* damaged.*reindex"):
+        faiss_index.load(path, params=info["params"])
+    assert sidecar(path).read_bytes() == good[: len(good) // 2] and path.read_bytes() == faiss_bytes
+    with np.load(io.BytesIO(good)) as z:  # whole, but its codes do not fit its sub-quantizers
+        parts = {k: z[k] for k in z.files}
+    parts["codes"] = parts["codes"][:, :-1]
+    with open(sidecar(path), "wb") as f:
+        np.savez(f, **parts)
+    with pytest.raises(StorageError, match="sizes disagree.*reindex"):
+        faiss_index.load(path, params=info["params"])
 
 
 def test_update_encodes_added_and_changed_ids() -> None:
