@@ -450,11 +450,19 @@ def watch(photos_dir: tuple[Path, ...], index: Path | None, model: str | None, d
     show_default=True,
     help="Log every request (a line per write costs CPU under a photo app's write load).",
 )
+@click.option(
+    "--writer-process/--no-writer-process",
+    default=True,
+    show_default=True,
+    help="With --write-token: commit PUT (JSON embedding) and DELETE /photos in a helper process at a lower CPU "
+    "priority, so that writes slow the searches less (it exits with the server).",
+)
 @model_option
 @device_option
 def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, cors_origins: tuple[str, ...],
           write_token: str | None, allow_roots: tuple[Path, ...], watch_dirs: tuple[Path, ...],
-          dbs: tuple[str, ...], access_log: bool, model: str | None, device: str) -> None:  # fmt: skip
+          dbs: tuple[str, ...], access_log: bool, writer_process: bool, model: str | None,
+          device: str) -> None:  # fmt: skip
     """Serve indexes over HTTP: JSON API (docs at /docs) and a search page at /.
 
     Examples:
@@ -487,7 +495,8 @@ def serve(indexes: tuple[Path, ...], host: str, port: int, token: str | None, co
     try:
         run_server(list(indexes), host=host, port=port, token=token or None, cors_origins=cors_origins, model=model,
                    device=device, write_token=write_token or None, allow_roots=allow_roots,
-                   db=list(dbs) if len(dbs) > 1 else (dbs[0] if dbs else None), access_log=access_log)  # fmt: skip
+                   db=list(dbs) if len(dbs) > 1 else (dbs[0] if dbs else None), access_log=access_log,
+                   writer_process=writer_process)  # fmt: skip
     finally:
         if watcher is not None:
             watcher.stop()

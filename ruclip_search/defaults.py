@@ -63,6 +63,9 @@ REFRESH_INTERVAL = 0.5
 #: Photos an `Index.add_many` commits per transaction.
 WRITE_BATCH = 64
 
+#: The CPU niceness of a server's writer process (`serve --writer-process`): searches get the CPU first.
+WRITER_NICE = 10
+
 #: Photos changed since the FAISS file was written above which a writable Index rewrites it (compaction,
 #: in a background thread); below it they are searched exactly next to the FAISS file.
 SEGMENT_MAX = 50_000

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -555,6 +555,12 @@ class Index:
         self._videos: tuple[tuple[int, int], bool] | None = None  # (state stamp, whether videos are stored)
         # concurrent add/remove calls are committed together (one transaction and one catch-up per group)
         self._writes: GroupCommit[_WriteOp, _WriteResult] = GroupCommit(self._commit_group)
+        #: called with (the embeddings put, PhotosWritten) after each commit: how a writer process tells the
+        #: server what it committed, so the server's searches see it without reading it back (`follow_commit`)
+        self.on_commit: Callable[[list[bytes], PhotosWritten], None] | None = None
+        #: False in a process that only commits (a server's writer process): its writes are not made searchable
+        #: here and it never catches up with the store (the server's Index does both)
+        self.searchable = True
 
     @classmethod
     def create(
@@ -726,7 +732,13 @@ class Index:
         """The state to search with, caught up with the store at most every REFRESH_INTERVAL; ModelMismatchError
         while the index is built with a model we cannot use (searching the old FAISS file against the rebuilt
         database would give wrong results)."""
-        if time.monotonic() - self._checked >= defaults.REFRESH_INTERVAL:
+        if not self.searchable and time.monotonic() - self._checked >= defaults.REFRESH_INTERVAL:
+            self._checked = time.monotonic()
+            try:  # only a new FAISS file (so that a replaced one is not kept open), not the changes
+                self.refresh()
+            except RuclipSearchError:
+                log.debug("index %s: refresh failed", self.store.dir, exc_info=True)
+        elif time.monotonic() - self._checked >= defaults.REFRESH_INTERVAL:
             try:
                 self._catch_up()
             except RuclipSearchError:  # e.g. a build is mid-way: keep the state we have (refresh tells why)
@@ -1232,27 +1244,39 @@ class Index:
             mine = {k: deleted.pop(k) for k in dict.fromkeys(keys) if k in deleted}  # a key deleted twice: once
             out.append((done.records[start : start + len(p)], list(mine.values())))
             start += len(p)
+        embeddings = [w.embedding for w in puts]
+        if self.on_commit is not None:
+            self.on_commit(embeddings, done)
+        if self.searchable:
+            self.follow_commit(embeddings, done)
+        return out
+
+    def follow_commit(self, embeddings: Sequence[bytes], done: PhotosWritten) -> None:
+        """Make a committed write (this process's, or one a writer process reported) visible to this Index's
+        searches on return: from memory when it directly follows what the segment holds, else by catching up
+        with the store (which holds it: it was committed)."""
         try:
-            if not self._apply_own(puts, done):
+            if not self._apply_own(embeddings, done):
                 self._catch_up(wait=True)
         except RuclipSearchError:  # committed all the same: the next search's catch-up tries again
             log.warning("index %s: catching up after a write failed", self.store.dir, exc_info=True)
         self._maybe_compact()
-        return out
 
-    def _apply_own(self, puts: list[PhotoWrite], done: PhotosWritten) -> bool:
-        """Put this process's own committed write into the segment from memory, without reading the change log
-        back: only when nothing else changed the index between the segment and this write (its seqs follow
-        the segment's last and the FAISS file is the loaded one); False otherwise (the caller catches up)."""
+    def _apply_own(self, embeddings: Sequence[bytes], done: PhotosWritten) -> bool:
+        """Put a committed write into the segment from memory, without reading the change log back: only when
+        nothing else changed the index between the segment and this write (its seqs follow the segment's last
+        and the FAISS file is the loaded one); False otherwise (the caller catches up)."""
         with self._refresh_lock:
             state = self._state
             segment = state.segment
             if segment is None or done.first_seq == 0:
                 return done.first_seq == 0 and segment is not None
+            if done.last_seq <= segment.seq and done.index_version == state.version:
+                return True  # a catch-up has read it already
             if done.first_seq != segment.seq + 1 or done.index_version != state.version or state.dim is None:
                 return False
             gone = set(done.deleted.values())
-            live = {r.id: w.embedding for r, w in zip(done.records, puts, strict=True) if r.id not in gone}
+            live = {r.id: e for r, e in zip(done.records, embeddings, strict=True) if r.id not in gone}
             vecs = decode_embeddings(list(live.values()), state.dim) if live else np.zeros((0, state.dim), np.float32)
             ids = np.fromiter(live, dtype=np.int64, count=len(live))
             gone_ids = np.array(sorted(gone), dtype=np.int64)

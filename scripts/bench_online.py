@@ -251,14 +251,25 @@ class Client:
 
 
 def _cpu(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
+    """User + system CPU seconds so far of a process and its running child processes (the server's writer)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                total += _cpu(int(child))
+            except OSError:  # exited meanwhile
+                pass
+    return total
 
 
 def http_part(
     folder: Path, data: Data, n: int, read_s: float, write_s: float, readers: int, writers: int, paced: float,
-    search_load: float,
+    search_load: float, external: int | None = None, read_only: bool = False,
 ) -> dict:  # fmt: skip
     """Serve the index and run five phases (see the module docstring): searchers flat out alone, with writers
     flat out, with writers paced to `paced`/s; then searchers paced to `search_load` of the flat-out search
@@ -268,6 +279,8 @@ def http_part(
     log = open(folder / "serve.log", "wb")  # noqa: SIM115 (closed below)
     cmd = [sys.executable, "-m", "ruclip_search.cli", "serve", "--index", str(folder), "--write-token", TOKEN,
            "--port", str(port), "--no-access-log"]  # fmt: skip
+    if read_only:  # EXPERIMENT (with --external-writer): the server only follows the change log
+        del cmd[6:8]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         deadline = time.time() + 600
@@ -334,6 +347,14 @@ def http_part(
                 elif which != "settle":
                     put_lat.setdefault(which, []).append(dt)
 
+        ext = None
+        if external is not None:  # EXPERIMENT: writes from a separate process straight into the store
+            ext = subprocess.Popen([sys.executable, "-c", EXTERNAL_WRITER, str(folder), str(n), str(external),
+                                    str(ROOT / "scripts")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, cwd=ROOT)  # fmt: skip
+            assert ext.stdout.readline().strip() == "ready"
+            writers_n = writers
+            writers = 0
         for _ in range(20):  # warm-up: first requests of each kind
             Client(port).call("GET", f"/similar/{random.randint(1, n)}?k=10")
         threads = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
@@ -342,26 +363,46 @@ def http_part(
             t.start()
         cpu: dict[str, tuple[float, float, float]] = {}  # phase -> (seconds, server CPU s, client CPU s)
 
+        ext_cpu: dict[str, float] = {}
+
+        def tell(line: str) -> None:
+            if ext is not None:
+                ext.stdin.write(line + "\n")
+                ext.stdin.flush()
+
         def run_phase(name: str, seconds: float, searchers: float, writes: float | None) -> None:
             search_pace[0], write_pace[0] = searchers, writes
+            tell("pace " + ("none" if writes is None else str(writes)))
+            tell("phase settle")
             phase[0] = "settle"
             time.sleep(1.0)
             c0, m0, t0 = _cpu(server.pid), time.process_time(), time.perf_counter()
+            e0 = _cpu(ext.pid) if ext is not None else 0.0
             phase[0] = name
+            tell(f"phase {name}")
             time.sleep(seconds)
             phase[0] = "settle"
+            tell("phase settle")
             cpu[name] = (time.perf_counter() - t0, _cpu(server.pid) - c0, time.process_time() - m0)
+            if ext is not None:
+                ext_cpu[name] = _cpu(ext.pid) - e0
 
         run_phase("flat_alone", read_s, 0.0, None)
         max_qps = len(lat["flat_alone"]) / cpu["flat_alone"][0]
+        nw = writers if ext is None else writers_n
         run_phase("flat_writes", write_s, 0.0, 0.0)
-        run_phase("flat_paced", write_s, 0.0, writers / paced)
+        run_phase("flat_paced", write_s, 0.0, nw / paced)
         pace = readers / (search_load * max_qps)
         run_phase("paced_alone", read_s, pace, None)
-        run_phase("paced_writes", write_s, pace, writers / paced)
+        run_phase("paced_writes", write_s, pace, nw / paced)
         stop.set()
         for t in threads:
             t.join(120)
+        if ext is not None:
+            tell("stop")
+            put_lat.update(json.loads(ext.stdout.readline()))
+            ext.wait(60)
+            print("external writer CPU s per phase:", {k: round(v, 2) for k, v in ext_cpu.items()})
         rss = _rss_peak(server.pid)
     finally:
         server.terminate()
@@ -372,6 +413,49 @@ def http_part(
         log.close()
     return {"lat": lat, "put": put_lat, "cpu": cpu, "max_qps": max_qps, "search_qps": search_load * max_qps,
             "errors": errors, "server_rss": rss}  # fmt: skip
+
+
+EXTERNAL_WRITER = """
+import json, os, sys, threading, time
+import numpy as np
+sys.path.insert(0, sys.argv[4])
+from bench_online import Data
+from ruclip_search.search import Index
+os.nice(int(sys.argv[3]))
+idx = Index.open(sys.argv[1], writable=True)
+data = Data(int(sys.argv[2]), 1000)
+ctl = {"pace": None, "phase": "settle", "stop": False}
+lat = {}
+def write(w):
+    rng = np.random.default_rng(100 + w)
+    colls, vecs = data.photos(256, rng)
+    vecs = [np.round(v, 6) for v in vecs]
+    due, i = time.perf_counter(), 0
+    while not ctl["stop"]:
+        pace = ctl["pace"]
+        if pace is None:
+            time.sleep(0.01); due = time.perf_counter(); continue
+        if pace:
+            due = max(due + pace, time.perf_counter() - pace)
+            time.sleep(max(0.0, due - time.perf_counter()))
+        t = time.perf_counter()
+        idx.add(f"e{os.getpid()}-{w}-{i}", embedding=vecs[i % 256], collection=f"c{colls[i % 256]}")
+        dt, which = time.perf_counter() - t, ctl["phase"]
+        i += 1
+        if which != "settle":
+            lat.setdefault(which, []).append(dt)
+threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+for t in threads: t.start()
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "pace": ctl["pace"] = None if arg == "none" else float(arg)
+    elif cmd == "phase": ctl["phase"] = arg
+    elif cmd == "stop": break
+ctl["stop"] = True
+for t in threads: t.join()
+print(json.dumps(lat), flush=True)
+"""
 
 
 COMPACT = """
@@ -402,6 +486,14 @@ def main() -> None:
     ap.add_argument("--search-load", type=float, default=0.5,
                     help="paced searchers send this fraction of the flat-out search rate (0.5: the machine about "
                     "half busy without writes)")  # fmt: skip
+    ap.add_argument(
+        "--external-writer",
+        type=int,
+        default=None,
+        metavar="NICE",
+        help="EXPERIMENT: writes by Index.add from a separate process at this nice level, not HTTP",
+    )
+    ap.add_argument("--server-read-only", action="store_true", help="EXPERIMENT: serve without a write token")
     ap.add_argument("--dir", default="/tmp/bench-online")
     ap.add_argument("--prepare", action="store_true", help="only fill DIR (untimed work; run it apart)")
     ap.add_argument("--reuse", action="store_true", help="measure on DIR as --prepare left it")
@@ -428,7 +520,7 @@ def main() -> None:
     print(f"in-process part {time.perf_counter() - t:.0f} s", flush=True)
     t = time.perf_counter()
     web = http_part(folder, data, args.n, args.read_seconds, args.write_seconds, args.readers, args.writers, args.paced,
-                    args.search_load)  # fmt: skip
+                    args.search_load, args.external_writer, args.server_read_only)  # fmt: skip
     print(f"HTTP part {time.perf_counter() - t:.0f} s, {len(web['errors'])} errors {sorted(set(web['errors']))}")
     comp = {"seconds": float("nan"), "folded": 0, "type": "-", "params": "-", "recall": "-", "rss": float("nan")}
     if not args.no_compact:

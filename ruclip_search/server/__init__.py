@@ -39,18 +39,19 @@ def serve(
     allow_roots: Iterable[str | os.PathLike[str]] = (),
     db: str | Sequence[str | None] | None = None,
     access_log: bool = True,
+    writer_process: bool = True,
 ) -> None:
     """Open the indexes and serve them with uvicorn until interrupted (binds loopback unless told otherwise).
 
     `write_token` enables PUT/DELETE /photos (indexes open writable); `allow_roots` the folders PUT may name;
-    `access_log`: uvicorn's line per request.
+    `access_log`: uvicorn's line per request; `writer_process`: commit writes in a writer process (create_app).
     """
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("serving on %s without a token: anyone who can reach this port can see your photos", host)
     app = create_app(index_dirs, token=token, cors_origins=cors_origins, model=model, device=device,
-                     write_token=write_token, allow_roots=allow_roots, db=db)  # fmt: skip
+                     write_token=write_token, allow_roots=allow_roots, db=db, writer_process=writer_process)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1, access_log=access_log)
 
 

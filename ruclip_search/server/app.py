@@ -23,6 +23,9 @@ from .uploads import MULTIPART_SLACK, UploadLimit
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    for s in app.state.server.served.values():  # started here, on the server's own thread (see server/writer.py)
+        if s.writer is not None:
+            await s.writer.start()
     yield
     app.state.server.close()
 
@@ -41,6 +44,7 @@ def create_app(
     write_token: str | None = None,
     allow_roots: Iterable[str | os.PathLike[str]] = (),
     db: str | Sequence[str | None] | None = None,
+    writer_process: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving `index_dirs` (folders, or already opened `Index` objects); the first is default.
 
@@ -49,7 +53,9 @@ def create_app(
     all indexes. `write_token` enables PUT/DELETE /photos (the folders are then opened writable; without it
     every write answers 403 `writes_disabled`); `allow_roots` are the folders whose files a PUT may name by
     path (symlinks resolved; none: only uploads and embeddings). `db`: PostgreSQL URL(s) of the indexes whose
-    metadata lives there (one per folder, or one for the only folder).
+    metadata lives there (one per folder, or one for the only folder). `writer_process`: with a write token,
+    commit PUT (JSON embedding) and DELETE /photos in a writer process per index, at a lower CPU priority, so
+    that writes take no CPU time from this process's searches (server/writer.py).
     """
     roots = tuple(Path(os.path.realpath(r)) for r in allow_roots)
     models = ModelCache(device)
@@ -65,6 +71,7 @@ def create_app(
     app.state.server = ServerState(
         served=served, models=models, thumbs=ThumbCache(thumbnail_cache_bytes), token=token,
         max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, write_token=write_token, allow_roots=roots,
+        writer_process=writer_process,
     )  # fmt: skip
     for module in (meta, search, images, photos, web):
         app.include_router(module.router)

@@ -73,6 +73,8 @@ class WriteFastPath:
             from starlette.concurrency import run_in_threadpool
 
             await run_in_threadpool(s.maybe_refresh)
+        if s.writer is not None:
+            return await self._in_writer(scope, receive, s, method, key, body)
         if method == "DELETE":
             if await s.writes.remove(key):
                 return _json(b'{"deleted":true}')
@@ -90,6 +92,36 @@ class WriteFastPath:
         from .results import hit_out
 
         return _json(hit_out(s, hit, score=False).model_dump_json(exclude={"score"}, by_alias=True).encode())
+
+    async def _in_writer(self, scope: dict, receive: Any, s: Any, method: str, key: str, body: list[bytes]) -> Any:
+        """The write committed by the index's writer process (server/writer.py): it parses the body as `_photo`
+        does here, and declines what FastAPI must answer."""
+        from .writer import WriterFailed
+
+        try:
+            if method == "DELETE":
+                kind, value = await s.writer.remove(key)
+            elif _content_type(scope) != "application/json":
+                raise _Declined
+            else:
+                kind, value = await s.writer.put(key, await _read(receive, body))
+        except WriterFailed as e:
+            return error_response(503, "writer_failed", f"{e} The write may or may not have been committed: send "
+                                  "it again (PUT and DELETE can be repeated safely).")  # fmt: skip
+        if kind == "declined":
+            raise _Declined
+        if kind == "deleted":
+            if value:
+                return _json(b'{"deleted":true}')
+            return error_response(404, "photo_not_found", f"No photo with key {key[:200]!r} in index {s.name!r}.")
+        if kind == "error":
+            if isinstance(value, QueryError):
+                code = "bad_image" if isinstance(value.__cause__, ImageError) else "bad_photo"
+                return error_response(400, code, str(value))
+            return await _library(None, value)
+        from .results import hit_out
+
+        return _json(hit_out(s, value, score=False).model_dump_json(exclude={"score"}, by_alias=True).encode())
 
 
 def _authorised(scope: dict, token: str | None) -> bool:

@@ -35,6 +35,7 @@ class Served:
         self._next = 0.0
         self._lock = threading.Lock()
         self._writes: WriteBatcher | None = None
+        self.writer: Any = None  # the WriterProcess committing this index's fast-path writes (None: in-process)
 
     @property
     def writes(self) -> WriteBatcher:
@@ -45,6 +46,8 @@ class Served:
 
     def close(self) -> None:
         """Finish pending writes; close the index if this app opened it."""
+        if self.writer is not None:
+            self.writer.close()
         if self._writes is not None:
             self._writes.close()
         if self.owned:
@@ -87,6 +90,9 @@ class ServerState:
     # Measured at 1M photos on 2 cores, 4 writers beside 4 searchers, all flat out: with 2 search slots the
     # searches took the CPU and writes reached 119-164/s (5 runs); with 1, 225, 289 and 154/s (3 runs).
     search_slots: int | None = None
+    # Writes committed by a writer process per index (at a lower CPU priority) instead of this process's thread:
+    # the searches then keep every core (see server/writer.py).
+    writer_process: bool = False
     busy: threading.BoundedSemaphore = field(init=False)
     # Decoding an image (a thumbnail's original, an upload) can allocate width x height x 3 bytes, so it runs
     # under its own small bound: with FastAPI's 40 worker threads, unbounded thumbnail requests for huge
@@ -100,7 +106,14 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.decoding = threading.BoundedSemaphore(max(1, self.decode_slots))
-        self.busy = threading.BoundedSemaphore(max(1, self.search_slots or default_search_slots(self.write_token)))
+        writes_here = self.write_token if not self.writer_process else None
+        self.busy = threading.BoundedSemaphore(max(1, self.search_slots or default_search_slots(writes_here)))
+        if self.writer_process and self.write_token is not None:
+            from .writer import WriterProcess
+
+            for s in self.served.values():
+                if s.owned:  # an Index handed in open belongs to the caller (and may be in memory only)
+                    s.writer = WriterProcess(s.index)
 
     @property
     def default_name(self) -> str:
@@ -113,7 +126,7 @@ class ServerState:
 
 
 def default_search_slots(write_token: str | None) -> int:
-    """How many searches run at once: one per core, less one core for the writes when they are enabled."""
+    """How many searches run at once: one per core, less one core for the writes when this process commits them."""
     cores = max(1, os.cpu_count() or 1)
     return max(1, cores - 1) if write_token is not None else cores
 
