@@ -404,8 +404,10 @@ def test_cli_serve_write_options(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert seen[-1]["write_token"] == "from-env" and list(seen[-1]["allow_roots"]) == [tmp_path, ROOT]
     assert "writes enabled" in r.output
-    r = CliRunner().invoke(main, [*args, "--write-token", "flag"])
+    assert seen[-1]["writer_process"] is True  # writes are committed in a writer process by default
+    r = CliRunner().invoke(main, [*args, "--write-token", "flag", "--no-writer-process"])
     assert r.exit_code == 0 and seen[-1]["write_token"] == "flag" and not seen[-1]["allow_roots"]
+    assert seen[-1]["writer_process"] is False
     monkeypatch.delenv("RUCLIP_SEARCH_WRITE_TOKEN")
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and seen[-1]["write_token"] is None
@@ -617,10 +619,13 @@ def test_concurrent_puts_and_deletes_are_committed_together(env) -> None:
 
 
 # -- the fast path for hot writes ------------------------------------------------------------------------------
-def test_the_write_fast_path_answers_exactly_as_fastapi_does(tmp_path, tiny_model_path, monkeypatch) -> None:
+@pytest.mark.parametrize("writer_process", [False, True], ids=["in-process", "writer-process"])
+def test_the_write_fast_path_answers_exactly_as_fastapi_does(tmp_path, tiny_model_path, monkeypatch,
+                                                              writer_process) -> None:  # fmt: skip
     """PUT (JSON embedding) and DELETE /photos/{key} are answered by server/fastpath.py in front of FastAPI:
     every request, good or bad, gets the same status and body as from FastAPI's own route, the good ones are
-    answered by the fast path and every bad one is handed to FastAPI (index unchanged)."""
+    answered by the fast path and every bad one is handed to FastAPI (index unchanged). With a writer process
+    the fast path's writes are parsed, checked and committed there (server/writer.py), with the same answers."""
     from ruclip_search.search import Index
     from ruclip_search.server import fastpath
 
@@ -640,7 +645,8 @@ def test_the_write_fast_path_answers_exactly_as_fastapi_does(tmp_path, tiny_mode
     apps = []
     for name in ("fast", "plain"):
         Index.create(tmp_path / name / "index", model=str(tiny_model_path), device="cpu").close()
-        app = create_app([tmp_path / name / "index"], token=READ, write_token=WRITE, device="cpu")
+        app = create_app([tmp_path / name / "index"], token=READ, write_token=WRITE, device="cpu",
+                         writer_process=writer_process and name == "fast")  # fmt: skip
         if name == "plain":  # the same app without the fast path (the stack is built on the first request)
             app.user_middleware = [m for m in app.user_middleware if m.cls is not fastpath.WriteFastPath]
         apps.append(app)
@@ -695,6 +701,8 @@ def test_the_write_fast_path_answers_exactly_as_fastapi_does(tmp_path, tiny_mode
             assert (status, got) == (plain_status, want), (method, path, body)
             if fast_expected is not None:
                 assert (route == ["fast"]) is fast_expected, (method, path, body, status, got)
+        writer = apps[0].state.server.served["index"].writer
+        assert (writer is not None and writer.started == 1 and writer.pid is not None) is writer_process
     fast_db, plain_db = _snapshot(tmp_path / "fast" / "index"), _snapshot(tmp_path / "plain" / "index")
     assert fast_db[1:] == plain_db[1:] and [r[:3] for r in fast_db[0]] == [r[:3] for r in plain_db[0]]
 
@@ -718,6 +726,110 @@ def test_a_server_with_writes_leaves_a_core_to_them(env, tmp_path, monkeypatch):
     read_only = create_app([env.index], token=READ, device="cpu")
     assert slots(read_only) == cores
     read_only.state.server.close()
+    with_writer = create_app([env.index], token=READ, write_token=WRITE, device="cpu", writer_process=True)
+    assert slots(with_writer) == cores  # the writes take no core of this process
+    with_writer.state.server.close()
     for n, writes, expected in ((8, True, 7), (8, False, 8), (2, True, 1), (1, True, 1), (1, False, 1)):
         monkeypatch.setattr(os, "cpu_count", lambda n=n: n)
         assert default_search_slots("token" if writes else None) == expected
+
+
+# -- the writer process ------------------------------------------------------------------------------------------
+@pytest.fixture
+def writer_env(tmp_path, tiny_model_path, monkeypatch):
+    """An empty index served with writes committed by a writer process; the server's Index never catches up with
+    the store on its own (only what the writer's answers bring), so a test sees what the answers do."""
+    from ruclip_search import defaults
+    from ruclip_search.search import Index
+
+    monkeypatch.setattr(defaults, "REFRESH_INTERVAL", 3600.0)
+    Index.create(tmp_path / "index", model=str(tiny_model_path), device="cpu").close()
+    app = create_app([tmp_path / "index"], token=READ, write_token=WRITE, device="cpu", writer_process=True)
+    with TestClient(app) as client:
+        dim = client.get("/info", headers=R).json()["indexes"][0]["info"]["dim"]
+        yield SimpleNamespace(c=client, app=app, dim=dim, served=app.state.server.served["index"])
+
+
+def test_a_write_in_the_writer_process_is_searchable_when_answered(writer_env):
+    """The 200 of a PUT or DELETE committed by the writer process comes after the server's own searches see it
+    (read-your-writes), though the server never reads the store's change log here."""
+    env = writer_env
+    pid = env.served.writer.pid
+    assert pid is not None and pid != os.getpid()
+    for i in range(5):
+        vec = _unit(env.dim, 40 + i)
+        r = env.c.put(f"/photos/p{i}", json={"embedding": vec, "collection": "mine"}, headers=W)
+        assert r.status_code == 200 and r.json()["key"] == f"p{i}", r.text
+        hits = env.served.index.search(np.asarray(vec, dtype=np.float32), k=1)  # unscoped: the recent segment
+        assert [h.key for h in hits] == [f"p{i}"]
+        assert env.c.get(f"/photos/p{i}", headers=R).status_code == 200
+    assert env.c.delete("/photos/p0", headers=W).status_code == 200
+    assert sorted(_keys(env.c)) == ["p1", "p2", "p3", "p4"]
+    assert env.served.writer.pid == pid  # one process did all of it
+
+
+def test_a_dead_writer_process_fails_its_pending_writes_with_503_and_is_replaced(writer_env):
+    """A write the writer process never answered (it died) gets 503 `writer_failed`; the next write starts a new
+    writer process and succeeds; nothing half-written is visible."""
+    import asyncio
+    import signal
+
+    import httpx
+
+    env = writer_env
+    old = env.served.writer.pid
+    os.kill(old, signal.SIGSTOP)  # it reads nothing more until killed
+
+    async def write_while_it_dies() -> httpx.Response:
+        transport = httpx.ASGITransport(app=env.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            put = asyncio.ensure_future(ac.put("/photos/lost", json={"embedding": _unit(env.dim, 3)}, headers=W))
+            await asyncio.sleep(0.5)
+            assert not put.done()
+            os.kill(old, signal.SIGKILL)
+            return await asyncio.wait_for(put, 30)
+
+    r = asyncio.run(write_while_it_dies())
+    assert r.status_code == 503 and r.json()["code"] == "writer_failed", r.text
+    deadline = time.monotonic() + 10
+    while env.served.writer.pid is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = env.c.put("/photos/next", json={"embedding": _unit(env.dim, 4)}, headers=W)
+    assert r.status_code == 200, r.text
+    assert env.served.writer.pid not in (None, old) and env.served.writer.started == 2
+    assert env.c.get("/photos/lost", headers=R).status_code == 404
+    assert _keys(env.c) == ["next"]
+
+
+@pytest.mark.crash
+def test_the_writer_process_dies_with_a_killed_server(tmp_path, tiny_model_path):
+    """`kill -9` of `serve`: its writer process exits too (no orphan keeps the index open)."""
+    import httpx
+
+    from ruclip_search.search import Index
+
+    Index.create(tmp_path / "index", model=str(tiny_model_path), device="cpu").close()
+    server = _Server(tmp_path / "index", tmp_path / "server.log")
+    server.start()
+    try:
+        assert server.proc is not None
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        child = int(children[0])
+        assert "ruclip_search.server.writer" in Path(f"/proc/{child}/cmdline").read_text()
+        dim = httpx.get(f"{server.base}/info", timeout=10).json()["indexes"][0]["info"]["dim"]
+        r = httpx.put(f"{server.base}/photos/a", json={"embedding": _unit(dim, 1)}, headers=W, timeout=10)
+        assert r.status_code == 200, r.text
+    finally:
+        server.kill()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and "Z" not in _proc_state(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists() or "Z" in _proc_state(child), "the writer process outlived the server"
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
