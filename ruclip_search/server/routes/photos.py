@@ -32,7 +32,8 @@ async def put_photo(
 ) -> HitOut:
     """Add the photo `key`, or replace it (same id): an uploaded image (multipart field `file`), an image file on
     the server (JSON `path`, under an --allow-root folder) or its embedding (JSON `embedding`). Searchable at once.
-    """
+    503 `writer_failed`: the server's writer process died before answering; the write may or may not have been
+    committed, send it again."""
     key = checked_key(key)
     args = photo.add_kwargs()
     try:
@@ -63,7 +64,8 @@ def get_photo(s: ServedIndex, key: Key) -> HitOut:
 @router.delete("/photos/{key}", response_model=DeletedOut, dependencies=WRITE_AUTH,
                responses=error_responses(400, 401, 403, 404, 503))  # fmt: skip
 async def delete_photo(s: ServedIndex, key: Key) -> DeletedOut:
-    """Delete the photo `key` from the index (its file, if any, stays); gone from searches at once."""
+    """Delete the photo `key` from the index (its file, if any, stays); gone from searches at once. 503
+    `writer_failed`: the server's writer process died before answering; send it again."""
     if not await s.writes.remove(checked_key(key)):
         raise _not_found(s, key)
     return DeletedOut(deleted=True)
