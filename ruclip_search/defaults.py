@@ -63,8 +63,10 @@ REFRESH_INTERVAL = 0.5
 #: Photos an `Index.add_many` commits per transaction.
 WRITE_BATCH = 64
 
-#: The CPU niceness of a server's writer process (`serve --writer-process`): searches get the CPU first.
-WRITER_NICE = 10
+#: The CPU niceness of a server's writer process (`serve --writer-process`). 0: at 1M photos on 2 cores, nice 10
+#: starved the writes under flat-out searches (148-200 writes/s in 3 runs, against 207-253 at 0) and did not
+#: make the searches faster under paced writes (scripts/bench_online.py).
+WRITER_NICE = 0
 
 #: Photos changed since the FAISS file was written above which a writable Index rewrites it (compaction,
 #: in a background thread); below it they are searched exactly next to the FAISS file.

@@ -27,7 +27,10 @@ settling before each:
 The target "search p50 within +25 % under writes" is judged on 5 vs 4 (writers reaching >= 95 % of --paced). With
 every searcher flat out on 2 cores there is no idle CPU, so any write's CPU shows up as search latency: phases 2-3
 are reported too, labelled FLAT OUT, but are not the target's rule.
-Compaction runs in a fresh process (its own peak RSS) after the server stops.
+Compaction runs in a fresh process (its own peak RSS) after the server stops. Server CPU counts its child
+processes (the writer process of `serve --write-token`). Experiments: `--external-writer NICE` writes by
+`Index.add` from a separate process at that niceness instead of HTTP PUTs (what the server pays to only follow
+the change log), `--server-read-only` serves without a write token.
 """
 
 from __future__ import annotations

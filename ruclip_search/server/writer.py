@@ -2,8 +2,9 @@
 
 Why a process: committing a write costs milliseconds of Python (validation, SQL, the segment update), and in
 the server's process that CPU competed for the GIL with the searches: at 1M photos on 2 cores, 200 writes/s
-tripled the search p50 (`scripts/bench_online.py`, phase 5 vs 4). In its own process, at a lower CPU priority
-(`os.nice`), the kernel gives the searches the CPU first, and the server keeps only the HTTP work.
+made the search p50 5x slower (`scripts/bench_online.py`, phase 5 vs 4). In its own process the commit holds no
+lock the searches need, the server keeps only the HTTP work and its searches keep every core. (Its CPU priority
+is defaults.WRITER_NICE.)
 
 How: the server starts `python -m ruclip_search.server.writer` for the index (lazily, on its first write) and
 hands it each request's key and raw JSON body through the child's stdin. The child parses and checks the body
