@@ -254,13 +254,13 @@ def test_gpu_decode_matches_cpu_decode(real_jpegs: list[Path]) -> None:
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", ["tiny", "ruclip-vit-large-patch14-224"])
-def test_half_precision_embeddings_match_fp32(real_jpegs: list[Path], tmp_path: Path, dtype, arch: str) -> None:
+def test_half_precision_embeddings_match_fp32(real_jpegs: list[Path], vit_l: Path, dtype, arch: str) -> None:
     from ruclip_search.encoder import load_model
 
-    folder = TINY_MODEL if arch == "tiny" else _random_model(arch, tmp_path)
+    folder = TINY_MODEL if arch == "tiny" else vit_l
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
     ref = load_model(folder, device="cuda", parts=("image",), dtype=torch.float32)
     half = load_model(folder, device="cuda", parts=("image",), dtype=dtype)
-    torch.backends.cuda.matmul.allow_tf32 = False
     pixels, _ = _tensor_results(real_jpegs, "cuda", ref.preprocessor)
     x = torch.stack(list(pixels.values()))
     a, b = ref.encode_pixels(x), half.encode_pixels(x)
@@ -269,13 +269,15 @@ def test_half_precision_embeddings_match_fp32(real_jpegs: list[Path], tmp_path: 
     assert cos.min() >= 0.999
 
 
-def _random_model(arch: str, tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def vit_l(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight ViT-L/14 at 224 (the default model's architecture), as scripts/bench_build.py makes it."""
     import sys
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_build import random_model_folder
 
-    return random_model_folder(arch, tmp_path / "model")
+    return random_model_folder("ruclip-vit-large-patch14-224", tmp_path_factory.mktemp("vit-l") / "model")
 
 
 @pytest.mark.gpu
@@ -296,3 +298,20 @@ def test_gpu_build_decodes_jpegs_on_the_gpu(real_jpegs: list[Path], tmp_path: Pa
         cos = min(float(eg[p] @ ec[p]) for p in ec)
     print(f"GPU build (nvJPEG + fp16) vs CPU build: min cosine {cos:.5f} over {len(ec)} photos")
     assert cos >= 0.99
+
+
+# -- the model in half precision ---------------------------------------------------------------------
+def test_bfloat16_model_runs_and_matches_fp32_on_the_cpu(real_jpegs: list[Path]) -> None:
+    """A half-precision model keeps LayerNorm's weights in float32 (its float32 input would not mix with bf16
+    weights: the CUDA build's fp16/bf16 model failed on this before it ever ran)."""
+    from ruclip_search.encoder import load_model
+    from ruclip_search.model import LayerNorm
+
+    ref = load_model(TINY_MODEL, device="cpu", parts=("image",))
+    half = load_model(TINY_MODEL, device="cpu", parts=("image",), dtype="bfloat16")
+    assert half.net.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for m in half.net.modules() if isinstance(m, LayerNorm) for p in m.parameters())
+    pixels, _ = _tensor_results(real_jpegs[:6], "cpu", ref.preprocessor)
+    x = torch.stack(list(pixels.values()))
+    cos = (ref.encode_pixels(x) * half.encode_pixels(x)).sum(axis=1)
+    assert cos.min() >= 0.99, cos
