@@ -30,6 +30,11 @@ MAX_OFFSET = 10_000
 CPU_BATCH_SIZE = 8
 GPU_BATCH_SIZE = 64
 
+#: How `build` decodes photos (`--decode`): "cpu" worker processes (PIL), "gpu" JPEGs by nvJPEG on the model's GPU
+#: (other files still by the workers), "auto" gpu when the model is on a GPU with nvJPEG, else cpu.
+DECODE_MODES = ("auto", "cpu", "gpu")
+DECODE = "auto"
+
 #: Cosine similarity above which two photos count as near-duplicates (`dupes`).
 DUPLICATE_THRESHOLD = 0.95
 

@@ -97,7 +97,8 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype, as in the reference (matters for fp16)."""
+    """LayerNorm computed in fp32 whatever the input dtype, as in the reference (matters for fp16); its weights
+    stay fp32 in a half-precision model (see `cast`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.float()).to(x.dtype)
@@ -269,6 +270,19 @@ class CLIP(nn.Module):
             ]
         sd = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in drop)}
         self.load_state_dict(sd, strict=True, assign=assign)
+
+
+def cast(model: CLIP, device: torch.device | str, dtype: torch.dtype) -> CLIP:
+    """Move the model to `device` with its weights in `dtype`, except LayerNorm's, which stay float32 as in the
+    reference (OpenAI's convert_weights halves convolutions, linear layers and projections only): LayerNorm runs
+    in float32, and layer_norm refuses a float32 input with half-precision weights."""
+    model = model.to(device=device)
+    if dtype != torch.float32:
+        for module in model.modules():
+            if not isinstance(module, LayerNorm):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+    return model
 
 
 def quantize_int8(model: CLIP) -> CLIP:
