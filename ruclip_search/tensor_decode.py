@@ -61,12 +61,17 @@ J = TypeVar("J", bound=_HasPath)
 
 def tensor_jpeg(data: bytes | memoryview) -> bool:
     """Whether `data` is a JPEG the tensor path takes (see the module docstring); reads the header only."""
+    return _header_end(data) is not None
+
+
+def _header_end(data: bytes | memoryview) -> int | None:
+    """Where the first scan starts in a JPEG the tensor path takes (the header is all before it); else None."""
     if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return False
+        return None
     i, n, sof, sos = 2, len(data), None, None
     while i + 4 <= n:
         if data[i] != 0xFF:
-            return False  # not at a marker: a malformed header
+            return None  # not at a marker: a malformed header
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -77,18 +82,18 @@ def tensor_jpeg(data: bytes | memoryview) -> bool:
         length = (data[i + 2] << 8) | data[i + 3]
         if marker in _SOF:
             if i + 10 > n:
-                return False
+                return None
             sof = (marker, data[i + 4], data[i + 9])  # (marker, bits per sample, components)
         elif marker == 0xDA:
             sos = i
             break
         i += 2 + length
     if sof is None or sos is None or sof[0] not in TENSOR_SOF or sof[1] != 8 or sof[2] != 3:
-        return False
+        return None
     # Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so an FFD9 after the first
     # scan can only be the end-of-image marker: without it the file is truncated. (Looked for in the last 64 KiB:
     # a file with a longer trailer, such as an MPO's second image, goes to the CPU path.)
-    return b"\xff\xd9" in bytes(data[max(sos, n - 65536) :])
+    return sos if b"\xff\xd9" in bytes(data[max(sos, n - 65536) :]) else None
 
 
 @lru_cache(maxsize=1)
@@ -202,10 +207,11 @@ class TensorDecoder:
                     return _Read(None)
         except OSError:
             return _Read(None)
-        if not tensor_jpeg(view):
+        header = _header_end(view)
+        if header is None:
             return _Read(None)
-        try:
-            info = image_info(io.BytesIO(view))
+        try:  # PIL reads the header only: give it those bytes, not a copy of the whole file
+            info = image_info(io.BytesIO(view[: header + 64]))
         except Exception:  # the CPU path records what is wrong with it
             return _Read(None)
         if self.max_pixels is not None and info["width"] * info["height"] > self.max_pixels:
