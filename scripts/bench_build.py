@@ -133,6 +133,47 @@ def tensor_decode_only(paths: list[str], pre, device: str, batch: int) -> tuple[
     return len(taken) / (time.perf_counter() - t), taken, list(fallback.paths)
 
 
+def tensor_stages(paths: list[str], pre, device: str, batch: int) -> dict:
+    """Where the tensor path's time goes, each stage alone over the files it takes (up to 4 batches' worth):
+    reading (threads: read, hash, header), decode_jpeg alone on the read bytes, preprocessing alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ruclip_search.tensor_decode import TensorDecoder, _decode
+
+    decoder = TensorDecoder(pre, device, _CountFallback(), max_pixels=None, batch=batch)
+    sample = paths[: 4 * batch]
+    with ThreadPoolExecutor(decoder.threads) as pool:
+        t = time.perf_counter()
+        reads = list(pool.map(decoder._read, sample))
+        read_s = time.perf_counter() - t
+    data = [r.data for r in reads if r.data is not None]
+    dev = torch_device(device)
+    _decode(data[:batch], dev)  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    images = []
+    for i in range(0, len(data), batch):
+        images += _decode(data[i : i + batch], dev)
+    _sync(device)
+    decode_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for image, r in zip(images, [r for r in reads if r.data is not None], strict=True):
+        decoder.prep(image, r.info["orientation"])
+    _sync(device)
+    prep_s = time.perf_counter() - t
+    mp = sum(int(im.shape[-1]) * int(im.shape[-2]) for im in images) / max(1, len(images)) / 1e6
+    return {
+        "files": len(sample), "mean_megapixels": round(mp, 2), "read_hash_header_img_s": round(len(sample) / read_s, 1),
+        "decode_jpeg_only_img_s": round(len(images) / decode_s, 1), "preprocess_only_img_s": round(len(images) / prep_s, 1),
+    }  # fmt: skip
+
+
+def torch_device(device: str):
+    import torch
+
+    return torch.device(device)
+
+
 def model_only_on_device(model, n: int, batch_size: int) -> float:
     """images/s of encode_pixels on pixels already on the model's device (embeddings copied back each batch)."""
     import torch
@@ -162,6 +203,8 @@ def tensor_parts(args: argparse.Namespace, folder: Path, paths: list[str], out: 
     _sync(device)
     out["model_load_s"] = round(time.perf_counter() - t, 2)
     rate, taken, rest = tensor_decode_only(paths, model.preprocessor, device, args.batch_size)
+    out["tensor_stages"] = tensor_stages(taken, model.preprocessor, device, args.batch_size)
+    print("tensor path stages:", json.dumps(out["tensor_stages"]), flush=True)
     out["tensor_decode_device"] = device
     out["tensor_decode_only_img_s"] = round(rate, 1)
     out["tensor_decode_files"], out["tensor_decode_fallback_files"] = len(taken), len(rest)
@@ -174,6 +217,7 @@ def tensor_parts(args: argparse.Namespace, folder: Path, paths: list[str], out: 
             m = load_model(folder, device=device, parts=("image",), dtype=dtype)
         for bs in args.model_batch_sizes:
             sweep[f"{dtype}/batch{bs}"] = round(model_only_on_device(m, n_model, bs), 1)
+            print(f"model-only {dtype}/batch{bs}: {sweep[f'{dtype}/batch{bs}']} images/s", flush=True)
         del m
     out["model_only_img_s_by_dtype_batch"] = sweep
     out["model_only_images_per_run"] = n_model
@@ -186,6 +230,28 @@ def tensor_parts(args: argparse.Namespace, folder: Path, paths: list[str], out: 
         out[f"whole_build_loaded_model_decode_{decode}_s"] = round(seconds, 2)
         out[f"whole_build_loaded_model_decode_{decode}_img_s"] = round(report.added / seconds, 1)
         out[f"whole_build_loaded_model_decode_{decode}_report"] = report.to_dict()
+        print(
+            f"whole build, decode={decode}: {out[f'whole_build_loaded_model_decode_{decode}_img_s']} images/s",
+            flush=True,
+        )
+
+
+def compiled_model_only(args: argparse.Namespace, folder: Path, out: dict) -> None:
+    """model-only with the image tower under torch.compile (a measurement only: build does not compile)."""
+    import torch
+
+    from ruclip_search.encoder import load_model
+
+    sweep = out["model_only_img_s_by_dtype_batch"]
+    dtype, bs = max(sweep, key=sweep.get).split("/batch")
+    model = load_model(folder, device=args.device, parts=("image",), dtype=dtype)
+    model.net.visual = torch.compile(model.net.visual)
+    t = time.perf_counter()
+    model_only_on_device(model, 2 * int(bs), int(bs))  # compiles
+    out["compile_s"] = round(time.perf_counter() - t, 1)
+    key = f"compiled {dtype}/batch{bs}"
+    out["model_only_img_s_compiled"] = {key: round(model_only_on_device(model, args.model_images, int(bs)), 1)}
+    print(f"model-only {key}: {out['model_only_img_s_compiled'][key]} images/s (compile {out['compile_s']} s)")
 
 
 def main() -> None:
@@ -211,6 +277,7 @@ def main() -> None:
     ap.add_argument("--model-dtypes", default="float16,bfloat16", type=lambda v: v.split(","))
     ap.add_argument("--model-batch-sizes", default="64,128,256,512", type=lambda v: [int(x) for x in v.split(",")])
     ap.add_argument("--model-images", type=int, default=2048, help="images per model-only figure")
+    ap.add_argument("--compile", action="store_true", help="with the GPU figures: model-only under torch.compile too")
     ap.add_argument("--skip-folder-build", action="store_true", help="skip the build that loads the model folder")
     args = ap.parse_args()
 
@@ -250,6 +317,11 @@ def main() -> None:
             if args.skip_folder_build:
                 print(json.dumps(gpu_out, indent=2))
                 _gpu_table(gpu_out)
+                if args.compile:
+                    try:
+                        compiled_model_only(args, folder, gpu_out)
+                    except Exception as e:  # a figure the run can do without
+                        print(f"torch.compile figure failed: {type(e).__name__}: {e}")
                 return
         model = load_model(folder, device=args.device, parts=("image",), dtype=args.dtype)
         cpus = os.cpu_count() or 1

@@ -26,19 +26,19 @@ fi
 } 2>&1 | tee "$OUT/env.txt"
 
 # 1. The gpu tests (default and CI runs deselect them): GPU vs CPU decode, bf16/fp16 vs fp32, a GPU build.
-timeout 240 $PY -m pytest tests/test_tensor_decode.py -m gpu -o addopts="" -p no:cacheprovider -q -s -rA 2>&1 \
+timeout "${TEST_TIMEOUT:-240}" $PY -m pytest tests/test_tensor_decode.py -m gpu -o addopts="" -p no:cacheprovider -q -s -rA 2>&1 \
   | tee "$OUT/gpu_tests.log"
 echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 
 # 2. The benchmark: decode-only (CPU workers vs the tensor path), model-only per dtype and batch, whole build.
 if [ -n "${SMOKE:-}" ]; then
   BENCH=(--arch ruclip-vit-base-patch32-224 --device cpu --tensor-parts --limit 6 --batch-size 8 --workers 1
-         --model-dtypes float32 --model-batch-sizes 8 --model-images 16)
+         --model-dtypes float32 --model-batch-sizes 8 --model-images 16)  # no --compile: minutes on a CPU
 else
-  BENCH=(--arch ruclip-vit-large-patch14-224 --device cuda --batch-size 256 --workers "$(($(nproc) - 1))"
-         --model-dtypes float16,bfloat16 --model-batch-sizes 64,128,256,512 --model-images 4096)
+  BENCH=(--arch ruclip-vit-large-patch14-224 --device cuda --dtype bfloat16 --batch-size 256 --compile
+         --workers "$(($(nproc) - 1))" --model-dtypes bfloat16,float16 --model-batch-sizes 128,256,512 --model-images 4096)
 fi
-timeout 330 $PY scripts/bench_build.py --photos .devrun/photos --copies "$COPIES" --compare-decode \
+timeout "${BENCH_TIMEOUT:-330}" $PY scripts/bench_build.py --photos .devrun/photos --copies "$COPIES" --compare-decode \
   --skip-folder-build "${BENCH[@]}" 2>&1 | tee "$OUT/bench_build.log"
 echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_build.log"
 date -u | tee -a "$OUT/env.txt"

@@ -315,3 +315,16 @@ def test_bfloat16_model_runs_and_matches_fp32_on_the_cpu(real_jpegs: list[Path])
     x = torch.stack(list(pixels.values()))
     cos = (ref.encode_pixels(x) * half.encode_pixels(x)).sum(axis=1)
     assert cos.min() >= 0.99, cos
+
+
+def test_quick_gelu_folded_into_silu_is_the_same_function() -> None:
+    from ruclip_search.encoder import load_model
+    from ruclip_search.model import fold_quick_gelu
+
+    model = load_model(TINY_MODEL, device="cpu", parts=("image", "text"))
+    x = torch.randn(3, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
+    before_img, before_txt = model.encode_pixels(x), model.encode_text(["красный круг", "синий квадрат"])
+    fold_quick_gelu(model.net)
+    assert not any(type(m).__name__ == "QuickGELU" for m in model.net.modules())
+    assert np.abs(model.encode_pixels(x) - before_img).max() < 1e-5
+    assert np.abs(model.encode_text(["красный круг", "синий квадрат"]) - before_txt).max() < 1e-5
