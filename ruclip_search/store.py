@@ -535,9 +535,10 @@ def _rows_or_nan(found: dict[int, bytes], ids: Sequence[int], dim: int) -> np.nd
     return out
 
 
-# embeddings_or_nan: parts read at once (the vector engine's pool holds as many). Cold rows are disk-bound: 240
-# random rows of the 10M store took 104 / 82 / 70 / 64 ms p50 in 4 / 8 / 16 / 32 parts (cold page cache)
-VECTOR_READ_THREADS = 16
+# embeddings_or_nan: parts read at once (the vector engine's pool holds as many). The 240 re-ranked rows of a 10M
+# query, p50 in 4 / 8 / 16 parts: 16.2 / 13.6 / 17.7 ms with the store out of the page cache, 5.3 / 6.9 / 9.8 ms
+# with its rows in it (more threads than cores cost more than the disk waits they overlap)
+VECTOR_READ_THREADS = 8
 VECTOR_READ_PART = 8  # ... of at least this many ids (fewer rows: one statement is faster)
 VECTOR_READ_CACHE_KB = 64 * 1024  # SQLite pages kept by all of the vector engine's connections together
 _VECTOR_POOL: ThreadPoolExecutor | None = None

@@ -12,7 +12,9 @@ vectors as ground truth. The measured part runs each step in a fresh process:
   serve   Index.open with the full-size text tower (random weights) + single queries: RSS, FAISS p50
           (ANN + re-ranking on the stored vectors), Index.search p50, recall@10 vs exact
   grow    10k new photos through Index.add_many, then compact(): seconds, and whether it retrained
-Each figure is printed beside the issue's goal.
+Each figure is printed beside the issue's goal. Serve-only runs: `--skip build,grow`; `--cold` first drops
+index.db's pages from the OS page cache (that file's only), so that runs start alike; `--scan-parts` /
+`--read-parts` set how one query's scan and row reads are split (1 / 4: as before the split scan).
 """
 
 from __future__ import annotations
