@@ -222,6 +222,9 @@ def main() -> None:
                    "machine; or HOST:PORT. Paths must be readable on every node.")  # fmt: skip
 @click.option("--ray-actors", type=click.IntRange(1), default=None,
               help="Encoder actors with --ray [default: one per GPU, else half the CPUs].")  # fmt: skip
+@click.option("--decode", type=click.Choice(defaults.DECODE_MODES), default=defaults.DECODE, show_default=True,
+              help="gpu: decode JPEGs on the model's GPU (nvJPEG; other files still on the CPU); cpu: all on the "
+                   "CPU; auto: gpu when the model is on a GPU with nvJPEG.")  # fmt: skip
 @db_option
 @quiet_option
 @json_option
@@ -240,6 +243,7 @@ def build(
     memory_budget: int | None,
     ray_address: str | None,
     ray_actors: int | None,
+    decode: str,
     db: str | None,
     quiet: bool,
     as_json: bool,
@@ -264,7 +268,7 @@ def build(
             exclude=exclude, follow_symlinks=follow_symlinks, max_pixels=max_pixels,
             rebuild=rebuild, index_type=index_type, progress=progress, db=db, memory_budget=memory_budget,
             engine="ray" if ray_address is not None else "local", ray_address=ray_address or None,
-            ray_actors=ray_actors,
+            ray_actors=ray_actors, decode=decode,
         )  # fmt: skip
     finally:
         progress.close()

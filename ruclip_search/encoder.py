@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import QueryError
-from .model import CLIP, PARTS, from_pretrained, quantize_int8
+from .model import CLIP, PARTS, cast, from_pretrained, quantize_int8
 from .preprocess import Preprocessor
 from .registry import DEFAULT_MODEL, model_key
 from .tokenizer import BPETokenizer
@@ -118,7 +118,7 @@ def load_model(
             "bfloat16": torch.bfloat16,
             "bf16": torch.bfloat16,
         }[dtype]
-    net = net.to(device=dev, dtype=dtype)
+    net = cast(net, dev, dtype)
     if quantize is not None:
         if quantize != "int8" or dev.type != "cpu" or dtype != torch.float32:
             raise ValueError(f"quantize must be None or 'int8' (CPU, float32 only), got {quantize!r} on {dev}")

@@ -50,6 +50,8 @@ class BuildReport:
     model: str = ""
     index_type: str | None = None
     recall_at_10: float | None = None
+    decode: str | None = None  # how photos were decoded: "cpu" (worker processes), "gpu" or "tensor" (tensor_decode)
+    tensor_decoded: int = 0  # photos decoded by the tensor path (the others by the CPU workers)
     errors: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,11 +132,27 @@ class _Build:
     def preprocessor(self) -> Any:
         return self.model.preprocessor
 
-    def _encode(self, pixels: list[np.ndarray]) -> np.ndarray:
-        """(N, D) embeddings of a batch's pixels (the Ray engine's batches hold embeddings already)."""
+    def _encode(self, pixels: list[Any]) -> np.ndarray:
+        """(N, D) embeddings of a batch's pixels (the Ray engine's batches hold embeddings already).
+
+        Pixels are numpy arrays (CPU workers) or tensors already on the model's device (the tensor decode path),
+        mixed in any order: the arrays go over in one copy, from pinned memory to a GPU.
+        """
         import torch
 
-        return self.model.encode_pixels(torch.from_numpy(np.stack(pixels)))
+        on_device = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
+        if not on_device:
+            x = torch.from_numpy(np.stack(pixels))
+            if str(getattr(self.model, "device", "cpu")).startswith("cuda"):
+                x = x.pin_memory()  # encode_pixels copies it with non_blocking=True
+            return self.model.encode_pixels(x)
+        first = pixels[on_device[0]]
+        x = torch.empty((len(pixels), *first.shape), dtype=first.dtype, device=first.device)
+        x[on_device] = torch.stack([pixels[i] for i in on_device])
+        on_host = [i for i, p in enumerate(pixels) if not isinstance(p, torch.Tensor)]
+        if on_host:
+            x[on_host] = torch.from_numpy(np.stack([pixels[i] for i in on_host])).to(first.device)
+        return self.model.encode_pixels(x)
 
     def _count(self, job: _Job) -> None:
         if job.row_id is None:
@@ -364,6 +382,7 @@ def build(
     engine: str = "local",
     ray_address: str | None = None,
     ray_actors: int | None = None,
+    decode: str = defaults.DECODE,
 ) -> BuildReport:
     """Index (or update the index of) photo folders; returns counts and speed. See the module docstring.
 
@@ -374,6 +393,9 @@ def build(
     `memory_budget` (bytes): what `auto` may let the FAISS index take in RAM (remembered in the index).
     `engine="ray"`: decode and encode on a Ray cluster (`ray_address`: None joins a running one or starts a
     local one, "auto", "local" or an address; `ray_actors` encoder actors); see ray_engine.
+    `decode`: "cpu" (worker processes), "gpu" (JPEGs decoded by nvJPEG on the model's GPU, see tensor_decode),
+    "auto" (gpu when the model is on a GPU with nvJPEG, else cpu), or "tensor" (the gpu path's code on the CPU:
+    what CI tests it with; slower than cpu).
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise RuclipSearchError(MAIN_GUARD_HINT)
@@ -388,6 +410,8 @@ def build(
             raise RuclipSearchError(f"No such folder: {root!r}. Check the path and run again.")
     if index_type is not None and index_type not in defaults.INDEX_TYPES:
         raise RuclipSearchError(f"Unknown index type {index_type!r}: use one of {', '.join(defaults.INDEX_TYPES)}.")
+    if decode not in (*defaults.DECODE_MODES, "tensor"):
+        raise RuclipSearchError(f"Unknown decode mode {decode!r}: use one of {', '.join(defaults.DECODE_MODES)}.")
     if engine not in ("local", "ray"):
         raise RuclipSearchError(f"Unknown engine {engine!r}: use 'local' or 'ray'.")
     index_dir = Path(index) if index is not None else default_index_dir(roots)
@@ -396,7 +420,7 @@ def build(
     report = BuildReport(index=str(index_dir))
     opts = _Options(model, device, batch_size, workers, tuple(exclude), follow_symlinks, max_pixels, index_type,
                     progress, memory_budget=memory_budget, engine=engine, ray_address=ray_address,
-                    ray_actors=ray_actors)  # fmt: skip
+                    ray_actors=ray_actors, decode=decode)  # fmt: skip
     with _writer(index_dir, db) as store:
         if rebuild:
             _rebuild(store, report, roots, opts)
@@ -485,6 +509,26 @@ def _cheap_faiss(store: Store, index_type: str | None) -> bool:
     return kind == "auto" and store.counts()["images"] < faiss_index.FLAT_BELOW
 
 
+def _tensor_decoder(mode: str, b: _Build, fallback: _Decoder, max_pixels: int | None) -> Any:
+    """The tensor decode path for `mode` (a TensorDecoder on the model's GPU, or on the CPU for "tensor"), or
+    None for the CPU workers alone."""
+    if mode == "cpu":
+        return None
+    from .tensor_decode import TensorDecoder, nvjpeg_available
+
+    device = str(getattr(b.model, "device", "cpu"))
+    on_gpu = device.startswith("cuda") and nvjpeg_available()
+    if mode == "gpu" and not on_gpu:
+        raise RuclipSearchError(
+            f"--decode gpu needs the model on a CUDA GPU and torchvision's nvJPEG decoder (the model is on {device}): "
+            "use --decode cpu, or --device cuda on a machine with one."
+        )
+    if mode == "auto" and not on_gpu:
+        return None
+    return TensorDecoder(b.preprocessor(), device if mode != "tensor" else "cpu", fallback, max_pixels,
+                         batch=b.batch_size)  # fmt: skip
+
+
 def default_batch_size(device: str) -> int:
     """defaults.GPU_BATCH_SIZE images per batch on a GPU, defaults.CPU_BATCH_SIZE on the CPU (where bigger
     batches are no faster and a small one lets encoding start early and overlap with decoding)."""
@@ -511,6 +555,7 @@ class _Options:
     engine: str = "local"  # "local" (worker processes + this process's model) or "ray" (ray_engine)
     ray_address: str | None = None  # engine="ray": None (running cluster, else a new local one), auto, local, ADDRESS
     ray_actors: int | None = None  # engine="ray": encoder actors (default: one per GPU, else about half the CPUs)
+    decode: str = "cpu"  # "cpu", "gpu", "auto" or "tensor": see build()
 
 
 def _model_name(store: Store, report: BuildReport, model: Any) -> str:
@@ -625,8 +670,10 @@ def _run(
         decoder.prestart()  # worker processes boot while the model loads
         decoder.pre = b.preprocessor()
         threads = _share_cpus(b.model, decoder.workers)
+        tensors = _tensor_decoder(opts.decode, b, decoder, opts.max_pixels)
+        report.decode = "cpu" if tensors is None else "gpu" if tensors.device.type == "cuda" else "tensor"
         try:
-            for job, result in decoder.run(to_decode):
+            for job, result in (decoder if tensors is None else tensors).run(to_decode):
                 b.add(job, result)
             if threads:  # decoding is over: the last batch gets every core
                 import torch
@@ -634,6 +681,8 @@ def _run(
                 torch.set_num_threads(threads)
             b.flush()
         finally:
+            if tensors is not None:
+                report.tensor_decoded += tensors.decoded
             if opts.decoder is None:
                 decoder.close()
             if threads:

@@ -97,9 +97,12 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype, as in the reference (matters for fp16)."""
+    """LayerNorm computed in fp32 whatever the input dtype, as in the reference (matters for fp16); its weights
+    stay fp32 in a half-precision model (see `cast`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (CUDA's layer_norm refuses half-precision input with float32 weights, seen on an H200 with torch 2.11:
+        # hence the casts, although the CPU's accepts it)
         return super().forward(x.float()).to(x.dtype)
 
 
@@ -269,6 +272,35 @@ class CLIP(nn.Module):
             ]
         sd = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in drop)}
         self.load_state_dict(sd, strict=True, assign=assign)
+
+
+def cast(model: CLIP, device: torch.device | str, dtype: torch.dtype) -> CLIP:
+    """Move the model to `device` with its weights in `dtype`, except LayerNorm's, which stay float32 as in the
+    reference (OpenAI's convert_weights halves convolutions, linear layers and projections only): LayerNorm runs
+    in float32, and layer_norm refuses a float32 input with half-precision weights. In half precision QuickGELU
+    becomes SiLU (fold_quick_gelu); float32 keeps the reference's operations exactly."""
+    model = model.to(device=device)
+    if dtype != torch.float32:
+        fold_quick_gelu(model)
+        for module in model.modules():
+            if not isinstance(module, LayerNorm):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+    return model
+
+
+def fold_quick_gelu(model: CLIP) -> CLIP:
+    """Rewrite each MLP's QuickGELU as SiLU, which is one fused kernel instead of three passes: since
+    x * sigmoid(1.702 x) = silu(1.702 x) / 1.702, c_fc's weights are scaled by 1.702 and c_proj's by 1 / 1.702.
+    Exact in real arithmetic; done in the weights' precision (`cast` does it before halving them). In place."""
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, ResidualAttentionBlock) and isinstance(block.mlp.gelu, QuickGELU):
+                block.mlp.c_fc.weight.mul_(1.702)
+                block.mlp.c_fc.bias.mul_(1.702)
+                block.mlp.c_proj.weight.div_(1.702)
+                block.mlp.gelu = nn.SiLU()
+    return model
 
 
 def quantize_int8(model: CLIP) -> CLIP:

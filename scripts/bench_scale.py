@@ -12,7 +12,9 @@ vectors as ground truth. The measured part runs each step in a fresh process:
   serve   Index.open with the full-size text tower (random weights) + single queries: RSS, FAISS p50
           (ANN + re-ranking on the stored vectors), Index.search p50, recall@10 vs exact
   grow    10k new photos through Index.add_many, then compact(): seconds, and whether it retrained
-Each figure is printed beside the issue's goal.
+Each figure is printed beside the issue's goal. Serve-only runs: `--skip build,grow`; `--cold` first drops
+index.db's pages from the OS page cache (that file's only), so that runs start alike; `--scan-parts` /
+`--read-parts` set how one query's scan and row reads are split (1 / 4: as before the split scan).
 """
 
 from __future__ import annotations
@@ -126,10 +128,30 @@ def _recall(found: list[list[int]], truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
-def step_serve(folder: Path) -> dict:
-    from ruclip_search import faiss_index
+def _cached_mb(path: Path) -> float | None:
+    """How much of `path` is in the OS page cache (util-linux fincore), in MB; None where it cannot tell."""
+    if shutil.which("fincore") is None:
+        return None
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    return round(int(out.stdout.split()[0]) / 1e6) if out.returncode == 0 and out.stdout.split() else None
+
+
+def step_serve(folder: Path, scan_parts: int | None = None, read_parts: int | None = None, cold: bool = False) -> dict:
+    from ruclip_search import faiss_index, store
     from ruclip_search.search import Index
 
+    if scan_parts:  # A/B against an earlier setting (1: one thread scans a query's lists, as before)
+        faiss_index.SCAN_PARTS = scan_parts
+    if read_parts:
+        store.VECTOR_READ_THREADS = read_parts
+    if cold:  # this file's pages out of the OS page cache (only its own): every run starts from the same state
+        fd = os.open(folder / "index" / "index.db", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    db_cached_before = _cached_mb(folder / "index" / "index.db")
     queries, truth = np.load(folder / "queries.npy"), np.load(folder / "truth.npy")
     t0 = time.perf_counter()
     idx = Index.open(folder / "index", model=_text_model())
@@ -166,7 +188,9 @@ def step_serve(folder: Path) -> dict:
     idx.search("рыжий кот спит на диване", k=K)
     text_ms = (time.perf_counter() - t0) * 1e3
     rss, hwm = _rss_mb()
-    info = idx.info()
+    meta = idx.store.meta()  # not idx.info(): its counts scan the whole table (fills the page cache with the store)
+    info = {"index_type": meta.get("index_type"), "index_params": json.loads(meta.get("index_params") or "{}"),
+            "recall_at_10": meta.get("recall_at_10")}  # fmt: skip
     idx.close()
     return {
         "open_s": open_s, "rss_mb": rss, "hwm_mb": hwm, "faiss_p50_ms": float(np.median(faiss_ms)),
@@ -174,7 +198,9 @@ def step_serve(folder: Path) -> dict:
         "scan_p50_ms": float(np.median(scan_ms)), "read_p50_ms": float(np.median(read_ms)),
         "text_query_ms": text_ms, "recall_at_10": _recall(found, truth), "full_pages": all(len(f) == K for f in found),
         "same_as_faiss_path": same, "index_type": info.get("index_type"), "params": info.get("index_params"),
-        "recorded_recall": info.get("recall_at_10"),
+        "recorded_recall": info.get("recall_at_10"), "scan_parts": faiss_index.SCAN_PARTS,
+        "read_parts": store.VECTOR_READ_THREADS, "db_cached_mb_before": db_cached_before,
+        "db_cached_mb_after": _cached_mb(folder / "index" / "index.db"),
     }  # fmt: skip
 
 
@@ -205,6 +231,11 @@ def run_step(name: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--step", name, "--dir", str(args.dir), "--n", str(args.n)]
     if args.memory_budget:
         cmd += ["--memory-budget", args.memory_budget]
+    for flag in ("scan_parts", "read_parts"):
+        if getattr(args, flag):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.cold:
+        cmd.append("--cold")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     out, _ = proc.communicate()
     if proc.returncode:
@@ -224,6 +255,9 @@ def main() -> None:
     p.add_argument("--clean", action="store_true")
     p.add_argument("--memory-budget", default=None)
     p.add_argument("--skip", default="", help="comma-separated steps to skip: build,serve,grow")
+    p.add_argument("--scan-parts", type=int, default=None, help="serve: parts one query's IVF scan runs in")
+    p.add_argument("--read-parts", type=int, default=None, help="serve: parts the re-ranked rows are read in")
+    p.add_argument("--cold", action="store_true", help="serve: drop index.db's pages from the OS cache first")
     p.add_argument("--step", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.clean:
@@ -244,7 +278,7 @@ def main() -> None:
         if args.step == "build":
             out = step_build(args.dir, args.memory_budget)
         elif args.step == "serve":
-            out = step_serve(args.dir)
+            out = step_serve(args.dir, args.scan_parts, args.read_parts, args.cold)
         else:
             out = step_grow(args.dir, json.loads((args.dir / "prepared.json").read_text())["n"])
         out["peak_rss_mb"] = _rss_mb()[1]
@@ -269,6 +303,9 @@ def main() -> None:
         print("serve:", json.dumps(s))
         rows += [
             ("(load average after the serve step)", s["load"], "-"),
+            ("(index.db in the page cache before / after, MB)",
+             f"{s['db_cached_mb_before']} / {s['db_cached_mb_after']}", "-"),
+            ("(scan parts / row-read parts)", f"{s['scan_parts']} / {s['read_parts']}", "-"),
             ("serving RSS (open + 300 queries)", f"{s['rss_mb'] / 1024:.2f} GB (peak {s['hwm_mb'] / 1024:.2f})",
              "<= 4 GB"),
             ("single-query FAISS p50 (ANN + re-rank)", f"{s['faiss_p50_ms']:.1f} ms (p95 {s['faiss_p95_ms']:.1f})",
