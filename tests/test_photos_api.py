@@ -768,6 +768,26 @@ def test_a_write_in_the_writer_process_is_searchable_when_answered(writer_env):
     assert env.served.writer.pid == pid  # one process did all of it
 
 
+def test_a_bad_writer_niceness_is_a_clear_error(tmp_path, tiny_model_path, monkeypatch):
+    """RUCLIP_SEARCH_WRITER_NICE that is not a whole number stops the app's creation with an error naming the
+    variable (it was a bare ValueError) and closes the index it opened; a good one is the writer's niceness."""
+    from ruclip_search.errors import RuclipSearchError
+    from ruclip_search.search import Index
+    from ruclip_search.server.writer import WriterProcess
+
+    Index.create(tmp_path / "index", model=str(tiny_model_path), device="cpu").close()
+    monkeypatch.setenv("RUCLIP_SEARCH_WRITER_NICE", "low")
+    closed, close = [], Index.close
+    monkeypatch.setattr(Index, "close", lambda self: (closed.append(self), close(self))[-1])
+    with pytest.raises(RuclipSearchError, match="RUCLIP_SEARCH_WRITER_NICE.*'low'"):
+        create_app([tmp_path / "index"], write_token=WRITE, device="cpu", writer_process=True)
+    assert len(closed) == 1
+    monkeypatch.setenv("RUCLIP_SEARCH_WRITER_NICE", "7")
+    assert WriterProcess(None)._nice == 7
+    monkeypatch.delenv("RUCLIP_SEARCH_WRITER_NICE")
+    assert WriterProcess(None)._nice == 0
+
+
 def test_a_dead_writer_process_fails_its_pending_writes_with_503_and_is_replaced(writer_env):
     """A write the writer process never answered (it died) gets 503 `writer_failed`; the next write starts a new
     writer process and succeeds; nothing half-written is visible."""

@@ -90,7 +90,7 @@ class ServerState:
     # Measured at 1M photos on 2 cores, 4 writers beside 4 searchers, all flat out: with 2 search slots the
     # searches took the CPU and writes reached 119-164/s (5 runs); with 1, 225, 289 and 154/s (3 runs).
     search_slots: int | None = None
-    # Writes committed by a writer process per index (at a lower CPU priority) instead of this process's thread:
+    # Writes committed by a writer process per index (niceness defaults.WRITER_NICE) instead of this process's thread:
     # the searches then keep every core (see server/writer.py).
     writer_process: bool = False
     busy: threading.BoundedSemaphore = field(init=False)
@@ -109,11 +109,16 @@ class ServerState:
         writes_here = self.write_token if not self.writer_process else None
         self.busy = threading.BoundedSemaphore(max(1, self.search_slots or default_search_slots(writes_here)))
         if self.writer_process and self.write_token is not None:
-            from .writer import WriterProcess
+            from .writer import WriterProcess, writer_nice
 
+            try:
+                nice = writer_nice()
+            except BaseException:
+                self.close()  # the indexes this app opened
+                raise
             for s in self.served.values():
                 if s.owned:  # an Index handed in open belongs to the caller (and may be in memory only)
-                    s.writer = WriterProcess(s.index)
+                    s.writer = WriterProcess(s.index, nice)
 
     @property
     def default_name(self) -> str:

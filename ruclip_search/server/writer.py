@@ -6,8 +6,8 @@ made the search p50 5x slower (`scripts/bench_online.py`, phase 5 vs 4). In its 
 lock the searches need, the server keeps only the HTTP work and its searches keep every core. (Its CPU priority
 is defaults.WRITER_NICE.)
 
-How: the server starts `python -m ruclip_search.server.writer` for the index (lazily, on its first write) and
-hands it each request's key and raw JSON body through the child's stdin. The child parses and checks the body
+How: the server starts `python -m ruclip_search.server.writer` for the index (at its startup, and again on the
+next write after a child died) and hands it each request's key and raw JSON body through the child's stdin. The child parses and checks the body
 exactly as the server's fast path did, commits whatever requests are waiting in one transaction (the index's
 group commit) and answers each through its stdout. The server answers the client only after the child has
 committed *and* the server's own Index has applied that commit (from the vectors the child sends back, or by
@@ -35,10 +35,12 @@ import threading
 from typing import Any
 
 from ..defaults import WRITE_BATCH, WRITER_NICE
+from ..errors import RuclipSearchError
 
 log = logging.getLogger("ruclip_search.server")
 
 _DB_ENV = "RUCLIP_SEARCH_WRITER_DB"
+NICE_ENV = "RUCLIP_SEARCH_WRITER_NICE"
 _HEADER = struct.Struct("!I")  # every frame: its length, then a pickle
 
 
@@ -57,6 +59,19 @@ def _recv(stream: Any) -> Any:
     return pickle.loads(data)
 
 
+def writer_nice() -> int:
+    """The writer's CPU niceness: RUCLIP_SEARCH_WRITER_NICE, else defaults.WRITER_NICE."""
+    raw = os.environ.get(NICE_ENV)
+    if raw is None:
+        return WRITER_NICE
+    try:
+        return int(raw)
+    except ValueError:
+        raise RuclipSearchError(
+            f"{NICE_ENV} must be a whole number (a CPU niceness, 0-19), got {raw!r}: fix or unset it."
+        ) from None
+
+
 class WriterFailed(Exception):
     """The writer process died before answering: the write may or may not have been committed."""
 
@@ -68,7 +83,7 @@ class WriterProcess:
 
     def __init__(self, index: Any, nice: int | None = None) -> None:
         self._index = index
-        self._nice = int(os.environ.get("RUCLIP_SEARCH_WRITER_NICE", WRITER_NICE)) if nice is None else nice
+        self._nice = writer_nice() if nice is None else nice
         self._proc: subprocess.Popen[bytes] | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._futures: dict[int, asyncio.Future[Any]] = {}
@@ -231,7 +246,6 @@ class _DimOnly:
 
 def _commit(index: Any, batch: list[tuple[int, str, str, bytes]]) -> tuple[list[Any], list[tuple[int, Any]]]:
     """Parse and commit one batch of requests; (commits made, (rid, answer) per request)."""
-    from ..errors import RuclipSearchError
     from .fastpath import _Declined, _photo
 
     answers: dict[int, tuple[str, Any]] = {}
@@ -261,8 +275,6 @@ def _commit(index: Any, batch: list[tuple[int, str, str, bytes]]) -> tuple[list[
 
 
 def _picklable(e: BaseException) -> BaseException:
-    from ..errors import RuclipSearchError
-
     try:
         pickle.loads(pickle.dumps(e))
         return e
