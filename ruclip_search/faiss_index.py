@@ -16,7 +16,6 @@ import re
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ import numpy as np
 
 from . import defaults
 from ._files import replace_atomically
+from ._threads import shared_pool
 from .pq_refine import Refiner
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
@@ -776,17 +776,6 @@ def _search(index: faiss.Index, queries: np.ndarray, depth: int, id_selector: An
     return scores, ids
 
 
-_SCAN_POOL: ThreadPoolExecutor | None = None
-
-
-def _scan_pool() -> ThreadPoolExecutor:
-    """Threads that scan parts of one query's probed IVF lists at once (shared by every index of the process)."""
-    global _SCAN_POOL
-    if _SCAN_POOL is None:
-        _SCAN_POOL = ThreadPoolExecutor(SCAN_PARTS, thread_name_prefix="ruclip-scan")
-    return _SCAN_POOL
-
-
 def _ivf_search(index: faiss.Index, queries: np.ndarray, depth: int, selector: Any,
                 nprobe: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """An IVF `index`'s top-`depth` over its `nprobe` nearest lists. A few queries (SINGLE_THREAD_BELOW) scan
@@ -819,7 +808,7 @@ def _split_scan(ivf: Any, queries: np.ndarray, depth: int, selector: Any, nprobe
                                  faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)  # fmt: skip
         return scores, ids
 
-    found = list(_scan_pool().map(scan, range(parts)))
+    found = list(shared_pool("ruclip-scan", SCAN_PARTS).map(scan, range(parts)))  # parts of one query's lists
     scores = np.hstack([f[0] for f in found])
     ids = np.hstack([f[1] for f in found])
     key = -scores if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else scores

@@ -17,7 +17,6 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -25,6 +24,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import sqlalchemy as sa
 
+from ._threads import shared_pool
 from .errors import IndexLockedError, IndexNotFoundError, QueryError, StorageError
 from .filters import SearchFilters, validate_key, validate_name
 
@@ -541,15 +541,6 @@ def _rows_or_nan(found: dict[int, bytes], ids: Sequence[int], dim: int) -> np.nd
 VECTOR_READ_THREADS = 8
 VECTOR_READ_PART = 8  # ... of at least this many ids (fewer rows: one statement is faster)
 VECTOR_READ_CACHE_KB = 64 * 1024  # SQLite pages kept by all of the vector engine's connections together
-_VECTOR_POOL: ThreadPoolExecutor | None = None
-
-
-def _vector_pool() -> ThreadPoolExecutor:
-    """Threads that read parts of a re-ranking's rows at once (shared by every store of the process)."""
-    global _VECTOR_POOL
-    if _VECTOR_POOL is None:
-        _VECTOR_POOL = ThreadPoolExecutor(VECTOR_READ_THREADS, thread_name_prefix="ruclip-vectors")
-    return _VECTOR_POOL
 
 
 def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
@@ -1200,7 +1191,11 @@ class Store:
             size = max(VECTOR_READ_PART, -(-len(order) // VECTOR_READ_THREADS))
             parts = [order[s : s + size] for s in range(0, len(order), size)]
             self._vector_engine()  # made once, here, not by the threads at once
-            rows = [r for part in _vector_pool().map(self._vector_rows, parts) for r in part]
+            rows = [
+                r
+                for part in shared_pool("ruclip-vectors", VECTOR_READ_THREADS).map(self._vector_rows, parts)
+                for r in part
+            ]
         else:
             rows = self._vector_rows(ids)
         # the dimension from the rows themselves (float16): `self.dim` is a query of its own

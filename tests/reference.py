@@ -48,3 +48,17 @@ def processor_module():
 def predictor_module():
     """The reference `ruclip/predictor.py` (class Predictor); needs more_itertools."""
     return _load("predictor")
+
+
+def image_transform(image_size: int = 224):
+    """The reference processor's image_transform (its tokenizer is not needed for images, so none is loaded)."""
+    module = processor_module()
+    real_bpe = getattr(module.yttm, "BPE", None)
+    module.yttm.BPE = lambda *args, **kwargs: None
+    try:
+        return module.RuCLIPProcessor("unused-bpe.model", image_size=image_size).image_transform
+    finally:
+        if real_bpe is None:
+            del module.yttm.BPE
+        else:
+            module.yttm.BPE = real_bpe

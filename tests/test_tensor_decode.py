@@ -17,6 +17,7 @@ import torch
 from conftest import SEARCH_PER_CLASS, TINY_MODEL, make_search_photos
 from fixture_images import FIXTURE_CLASSES
 from PIL import Image
+from reference import image_transform
 from test_preprocess import synthetic_photo
 
 from ruclip_search.decode import open_image
@@ -77,18 +78,8 @@ def real_jpegs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def reference_transform():
-    from test_preprocess import processor_module
-
-    module = processor_module()
-    real = getattr(module.yttm, "BPE", None)
-    module.yttm.BPE = lambda *args, **kwargs: None
-    try:
-        return module.RuCLIPProcessor("unused-bpe.model", image_size=224).image_transform
-    finally:
-        if real is None:
-            del module.yttm.BPE
-        else:
-            module.yttm.BPE = real
+    """The reference processor's image_transform."""
+    return image_transform()
 
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:
