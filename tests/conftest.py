@@ -44,6 +44,23 @@ class StandInModel:
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
+def ctrl_c_default() -> None:
+    """Popen `preexec_fn` for a child a test sends Ctrl-C: start it with SIGINT's default action. A child
+    inherits an *ignored* SIGINT (a test run started as a shell's background job, `cmd &`, ignores it) and Python
+    then installs no KeyboardInterrupt handler, so the Ctrl-C under test would be lost."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def sigint_ignored(pid: int) -> bool:
+    """Whether process `pid` ignores SIGINT (bit 2 of its SigIgn mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << 1))
+    return False
+
+
 def make_photos(folder: Path, n: int = 12, size: int = 48, seed: int = 0) -> list[Path]:
     """Write `n` JPEG/PNG drawings of the fixture classes into `folder`; returns their paths."""
     from fixture_images import FIXTURE_CLASSES, draw

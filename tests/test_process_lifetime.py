@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_MODEL, make_photos
+from conftest import ROOT, TINY_MODEL, ctrl_c_default, make_photos, sigint_ignored
 from proctree import Proc, descendants, describe, kill_all, parent_of, rows, run_builder, wait_gone
 
 pytestmark = [
@@ -113,7 +113,13 @@ def run_cli_build(photos: Path, index: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env["PYTHONFAULTHANDLER"] = "1"  # a hung build dumps its threads' stacks on SIGABRT (see below)
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=ctrl_c_default,
     )
 
 
@@ -134,6 +140,7 @@ def test_cli_build_stops_cleanly(tmp_path: Path, many_photos: Path, tiny_model_p
         tree = descendants(proc.pid)
         committed = rows(index)
         if how == "ctrl-c":  # a terminal sends SIGINT to the whole foreground process group
+            assert not sigint_ignored(proc.pid)
             os.killpg(proc.pid, signal.SIGINT)
         else:  # `kill PID`
             proc.send_signal(signal.SIGTERM)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, StandInModel, make_photos
+from conftest import ROOT, StandInModel, ctrl_c_default, make_photos, sigint_ignored
 from proctree import alive, descendants, describe, kill_all, wait_gone
 
 from ruclip_search import defaults
@@ -298,7 +298,8 @@ def test_cli_watch_subprocess_sigint(tmp_path: Path, tiny_model_path: Path) -> N
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "ruclip_search.cli", "watch", str(photos), "--index", str(index),
            "--model", str(tiny_model_path), "--device", "cpu", "--workers", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=ctrl_c_default)  # fmt: skip
     tree: list = []
     try:
         wait_until(lambda: len(indexed(index)) == 3 or proc.poll() is not None, timeout=120)
@@ -308,6 +309,7 @@ def test_cli_watch_subprocess_sigint(tmp_path: Path, tiny_model_path: Path) -> N
         wait_until(lambda: str(new) in indexed(index), timeout=LIMIT + 3)
         tree = descendants(proc.pid)
         assert tree, "the watcher keeps its decoding workers running"
+        assert not sigint_ignored(proc.pid)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err
