@@ -9,7 +9,8 @@ is defaults.WRITER_NICE.)
 How: the server starts `python -m ruclip_search.server.writer` for the index (at its startup, and again on the
 next write after a child died) and hands it each request's key and raw JSON body through the child's stdin. The child parses and checks the body
 exactly as the server's fast path did, commits whatever requests are waiting in one transaction (the index's
-group commit) and answers each through its stdout. The server answers the client only after the child has
+group commit; while writes keep coming, a write waits up to defaults.WRITER_COMMIT_DELAY for others to join its
+group) and answers each through its stdout. The server answers the client only after the child has
 committed *and* the server's own Index has applied that commit (from the vectors the child sends back, or by
 reading the store's change log), so a client reads its own writes. A body the child does not take
 ("declined") goes back to FastAPI, whose route answers it (its 4xx, or an in-process write).
@@ -32,8 +33,10 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
+from .. import defaults
 from ..defaults import WRITE_BATCH, WRITER_NICE
 from ..errors import RuclipSearchError
 
@@ -92,6 +95,7 @@ class WriterProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting: asyncio.Task[None] | None = None
         self.started = 0  # children started (statistics and tests)
+        self.commits = 0  # groups the children committed (statistics and tests: writes / commits = group size)
 
     @property
     def pid(self) -> int | None:
@@ -134,7 +138,8 @@ class WriterProcess:
         index = self._index
         store = index.store
         cmd = [sys.executable, "-m", "ruclip_search.server.writer", str(store.dir), str(index._towers().dim),
-               index.model_name, str(self._nice)]  # fmt: skip
+               index.model_name, str(self._nice), repr(float(defaults.WRITER_COMMIT_DELAY)),
+               repr(float(defaults.WRITER_BUSY))]  # fmt: skip
         env = dict(os.environ)
         if store.url is not None:  # in the environment, not the command line (ps shows that to every user)
             env[_DB_ENV] = store.url
@@ -166,6 +171,7 @@ class WriterProcess:
                 commits, answers = frame
                 for embeddings, done in commits:
                     self._index.follow_commit(embeddings, done)
+                self.commits += len(commits)
                 with self._lock:
                     settled = [(self._futures.pop(rid, None), answer) for rid, answer in answers]
                 loop.call_soon_threadsafe(_settle, settled)
@@ -283,9 +289,11 @@ def _picklable(e: BaseException) -> BaseException:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m ruclip_search.server.writer DIR DIM MODEL NICE` (a PostgreSQL URL in RUCLIP_SEARCH_WRITER_DB):
-    commit the writes read from stdin, answer on stdout."""
+    """`python -m ruclip_search.server.writer DIR DIM MODEL NICE DELAY BUSY` (a PostgreSQL URL in
+    RUCLIP_SEARCH_WRITER_DB): commit the writes read from stdin, answer on stdout. DELAY, BUSY: seconds, see
+    defaults.WRITER_COMMIT_DELAY."""
     folder, dim, model, nice = argv[0], int(argv[1]), argv[2], int(argv[3])
+    delay, busy = float(argv[4]), float(argv[5])
     db = os.environ.pop(_DB_ENV, None)
     parent = os.environ.pop("RUCLIP_SEARCH_WRITER_PARENT", None)
     if parent is not None:
@@ -317,6 +325,7 @@ def main(argv: list[str]) -> None:
             cond.notify()
 
     threading.Thread(target=read, name="ruclip-writer-requests", daemon=True).start()
+    last = float("-inf")  # when the last group was committed
     try:
         while True:
             with cond:
@@ -324,8 +333,13 @@ def main(argv: list[str]) -> None:
                     cond.wait()
                 if not pending:
                     break
+                if delay > 0 and time.monotonic() - last < busy:  # writes keep coming: let others join the group
+                    until = time.monotonic() + delay
+                    while len(pending) < WRITE_BATCH and not eof[0] and (left := until - time.monotonic()) > 0:
+                        cond.wait(left)
                 batch, pending[:] = pending[:WRITE_BATCH], pending[WRITE_BATCH:]
             commits, answers = _commit(index, batch)
+            last = time.monotonic()
             try:
                 _send(out, (commits, answers))
             except (BrokenPipeError, OSError):
