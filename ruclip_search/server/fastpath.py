@@ -119,9 +119,7 @@ class WriteFastPath:
                 code = "bad_image" if isinstance(value.__cause__, ImageError) else "bad_photo"
                 return error_response(400, code, str(value))
             return await _library(None, value)
-        from .results import hit_out
-
-        return _json(hit_out(s, value, score=False).model_dump_json(exclude={"score"}, by_alias=True).encode())
+        return _json(value)  # the record's JSON, made by the writer process
 
 
 def _authorised(scope: dict, token: str | None) -> bool:

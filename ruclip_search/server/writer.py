@@ -81,8 +81,8 @@ class WriterFailed(Exception):
 
 class WriterProcess:
     """The server side: `await put(key, body)` / `await remove(key)` answer once the child committed the write and
-    `index` (the server's own) has applied it. Results: ("ok", Hit), ("deleted", bool), ("declined", None),
-    ("error", exception)."""
+    `index` (the server's own) has applied it. Results: ("ok", the 200 body: JSON bytes of the record), ("deleted",
+    bool), ("declined", None), ("error", exception)."""
 
     def __init__(self, index: Any, nice: int | None = None) -> None:
         self._index = index
@@ -276,8 +276,20 @@ def _commit(index: Any, batch: list[tuple[int, str, str, bytes]]) -> tuple[list[
         elif op == "del":
             answers[rid] = ("deleted", result[1] > 0)
         else:
-            answers[rid] = ("ok", result[0][0])
+            answers[rid] = ("ok", _record_json(result[0][0]))
     return commits, [(rid, answers[rid]) for rid, *_ in batch]
+
+
+def _record_json(hit: Any) -> bytes:
+    """A PUT's 200 body, made here so that the server only forwards it (building and pickling the record cost
+    the server's process GIL time per write). A photo put by embedding has no file, so no URL in it names an
+    index: hit_out reads its `s` (the served index) only for those."""
+    from types import SimpleNamespace
+
+    from .results import hit_out
+
+    out = hit_out(SimpleNamespace(url_suffix=""), hit, score=False)  # type: ignore[arg-type]
+    return out.model_dump_json(exclude={"score"}, by_alias=True).encode()
 
 
 def _picklable(e: BaseException) -> BaseException:
@@ -305,6 +317,7 @@ def main(argv: list[str]) -> None:
     stdin = sys.stdin.buffer
     from ..search import Index
     from .fastpath import _photo  # noqa: F401 - imported before "ready": the first write does not wait for it
+    from .results import hit_out  # noqa: F401 - the same
 
     index = Index.open(folder, writable=True, model=_DimOnly(dim, model), db=db)
     index.searchable = False  # the server's Index makes the writes searchable (and compacts)
