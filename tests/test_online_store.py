@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 import threading
@@ -309,3 +310,45 @@ def test_scoped_filter_reads_the_partial_index_only(store: Store) -> None:
         .fetchall()
     )
     assert "ix_images_collection" in str(plan), plan
+
+
+def _filter_plan(store: Store, filters: SearchFilters) -> list[str]:
+    """The database's plan for filter_ids's query (PostgreSQL: with sequential scans priced out, so a usable index
+    is used even on a tiny table)."""
+    with store.engine.connect() as conn:
+        query = store._filter_query(conn, filters)
+        compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        if conn.dialect.name == "sqlite":
+            params = tuple(compiled.params[k] for k in compiled.positiontup)
+            return [r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), params)]
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        return [r[0] for r in conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)]
+
+
+def test_date_format_and_folder_filters_read_an_index(store: Store) -> None:
+    """The filters a photo app sends with every search (a date range, formats, a folder) read an index instead of
+    every row (at 1M photos a full scan took about 1 s), and the folder's relpath range keeps exactly the files at
+    or below it."""
+    rid = store.root_id("/r")
+    names = [b"sub", b"sub/a.jpg", b"sub/b/c.jpg", b"sub/\xff.jpg", b"sub.jpg", b"sub0", b"sub0/x.jpg", b"subway/x.jpg"]
+    with store.transaction() as conn:
+        ids = {
+            name: store.upsert_image(
+                conn, ImageWrite(rid, name, 1, 1, meta=meta(f"2022-0{i % 3 + 1}-01T00:00:00", "PNG" if i % 2 else "JPEG"),
+                                 embedding=emb(i)),
+            )
+            for i, name in enumerate(names)
+        }  # fmt: skip
+    got = store.filter_ids(SearchFilters.parse(under="/r/sub")).tolist()
+    assert got == sorted(ids[n] for n in (b"sub", b"sub/a.jpg", b"sub/b/c.jpg", b"sub/\xff.jpg"))
+    assert len(store.filter_ids(SearchFilters.parse(date_from="2022-02-01", date_to="2022-02-28"))) == 3
+    assert len(store.filter_ids(SearchFilters.parse(formats=["png"]))) == 4
+    cases = [
+        ({"date_from": "2022-02-01", "date_to": "2022-02-28"}, r"ix_images_taken_at"),
+        ({"formats": ["png"]}, r"ix_images_format"),
+        ({"under": "/r/sub"}, r"relpath ?>"),  # a range of (root_id, relpath), not every row of the root
+    ]
+    for kw, reads in cases:
+        plan = _filter_plan(store, SearchFilters.parse(**kw))
+        assert re.search(reads, "\n".join(plan)), (kw, plan)
+        assert not any(line.startswith("SCAN images") or "Seq Scan on images" in line for line in plan), (kw, plan)
