@@ -230,6 +230,9 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+# an index migrated to this schema version (m007's filter indexes) gets planner statistics (Store.analyze)
+ANALYZED_FROM = [name for name, _ in MIGRATIONS].index("m007_filter_indexes") + 1
+ANALYSIS_LIMIT = 1000  # rows SQLite's ANALYZE samples per index (PRAGMA analysis_limit)
 
 # PostgreSQL's text of a migration whose SQLite text does not run there (BLOB, AUTOINCREMENT, sqlite_sequence,
 # a table rebuild to drop NOT NULL); a migration not named here runs on PostgreSQL as written. Same frozen rule.
@@ -847,7 +850,7 @@ class Store:
         On PostgreSQL several processes may open a new database at once: each migration runs under a
         transaction-scoped advisory lock and re-reads the version inside it (SQLite writers hold the index lock).
         """
-        version = self.schema_version()
+        version = start = self.schema_version()
         try:
             while version < target:
                 with self.engine.begin() as conn:
@@ -861,9 +864,23 @@ class Store:
                     name = MIGRATIONS[version][0]
                     self._set_meta(conn, schema_version=str(version + 1), **{f"migration_{version + 1:03d}": name})
                 version += 1
+            if start < ANALYZED_FROM <= version and start > 0:  # an existing index gains the filter indexes (m007)
+                self.analyze()
         except sa.exc.DBAPIError as e:
             raise StorageError(f"Cannot upgrade the index database {self.where}: {e.orig}.") from e
         return version
+
+    def analyze(self) -> None:
+        """Refresh the query planner's statistics, so that a search filter starts from its most selective index
+        (a collection's, not the formats' that match a fifth of the photos: 439 -> 5 ms at 1M photos on SQLite,
+        which without statistics takes every equality index as equally selective). SQLite samples
+        (analysis_limit: milliseconds at any size); PostgreSQL runs ANALYZE on the two tables filters read."""
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql("ANALYZE images, labels")
+            else:
+                conn.exec_driver_sql(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
+                conn.exec_driver_sql("ANALYZE")
 
     # -- meta ----------------------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
