@@ -450,6 +450,10 @@ class _Statements(NamedTuple):
     record_by_key: Any
     embeddings_by_id: Any
     ids_by_key: Any
+    meta_value: Any  # one meta value (`b_key`)
+    meta_update: Any  # set an existing meta value (`b_key`, `b_value`)
+    insert_images: Any  # rows of images, their ids back in order
+    insert_changes: Any  # rows of changes, their seqs back in order
 
 
 @functools.cache
@@ -464,6 +468,12 @@ def _statements() -> _Statements:
         record_by_key=sa.select(*_record_columns()).where(c.key == sa.bindparam("key")),
         embeddings_by_id=sa.select(c.id, c.embedding).where(c.id.in_(ids), c.embedding.is_not(None)),
         ids_by_key=sa.select(c.key, c.id).where(c.key.in_(keys)),
+        meta_value=sa.select(meta_table.c.value).where(meta_table.c.key == sa.bindparam("b_key")),
+        meta_update=sa.update(meta_table)
+        .where(meta_table.c.key == sa.bindparam("b_key"))
+        .values(value=sa.bindparam("b_value")),
+        insert_images=sa.insert(images_table).returning(c.id, sort_by_parameter_order=True),
+        insert_changes=sa.insert(changes_table).returning(changes_table.c.seq, sort_by_parameter_order=True),
     )
 
 
@@ -1424,13 +1434,12 @@ class Store:
         try:
             with self.engine.begin() as conn:
                 self._serialise_writers(conn)
-                row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "data_version")).first()
+                row = conn.execute(_statements().meta_value, {"b_key": "data_version"}).first()
                 yield conn
                 if row is None:
                     self._set_meta(conn, data_version="1")
                 else:
-                    version = meta_table.c.key == "data_version"
-                    conn.execute(sa.update(meta_table).where(version).values(value=str(int(row[0]) + 1)))
+                    conn.execute(_statements().meta_update, {"b_key": "data_version", "b_value": str(int(row[0]) + 1)})
         except sa.exc.OperationalError as e:
             raise StorageError(f"Cannot write the index database {self.where}: {e.orig}.") from e
 
@@ -1466,8 +1475,7 @@ class Store:
         if not ids:
             return []
         Store._serialise_writers(conn)  # held already in `transaction()`; a no-op then
-        stmt = sa.insert(changes_table).returning(changes_table.c.seq, sort_by_parameter_order=True)
-        return [int(r[0]) for r in conn.execute(stmt, [{"image_id": int(i)} for i in ids])]
+        return [int(r[0]) for r in conn.execute(_statements().insert_changes, [{"image_id": int(i)} for i in ids])]
 
     @classmethod
     def upsert_image(cls, conn: sa.Connection, row: ImageWrite, image_id: int | None = None) -> int:
@@ -1547,9 +1555,7 @@ class Store:
                     conn.execute(sa.delete(images_table).where(c.id.in_(chunk)))
                 seqs = self._log(conn, list(dict.fromkeys(ids)) + list(deleted.values()))
                 roots = self._read_roots(conn) if any(w.root_id is not None for w in writes) else {}
-                version = conn.execute(
-                    sa.select(meta_table.c.value).where(meta_table.c.key == "index_version")
-                ).scalar()
+                version = conn.execute(_statements().meta_value, {"b_key": "index_version"}).scalar()
         except sa.exc.IntegrityError as e:
             raise QueryError(f"Cannot store these photos ({e.orig}): two of them name the same file.") from e
         records = [self._written(i, w, v, roots) for i, w, v in zip(ids, writes, values, strict=True)]
@@ -1591,7 +1597,7 @@ class Store:
                     found[w.key] = int(row[0])
             (updates if w.key in found else inserts).append(i)
         if inserts:
-            stmt = sa.insert(images_table).returning(c.id, sort_by_parameter_order=True)
+            stmt = _statements().insert_images
             for i, (new_id,) in zip(inserts, conn.execute(stmt, [values[i] for i in inserts]), strict=True):
                 found[writes[i].key] = int(new_id)
         if updates:

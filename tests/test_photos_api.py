@@ -768,6 +768,50 @@ def test_a_write_in_the_writer_process_is_searchable_when_answered(writer_env):
     assert env.served.writer.pid == pid  # one process did all of it
 
 
+def test_the_writer_process_groups_writes_that_keep_coming(tmp_path, tiny_model_path, monkeypatch):
+    """While writes keep coming, the writer process holds a write up to WRITER_COMMIT_DELAY so that the next ones
+    share its commit (one transaction, one answer frame, one apply in the server); each is answered after that
+    commit and is searchable then. A write after a quiet spell is committed at once, not held."""
+    from ruclip_search import defaults
+    from ruclip_search.search import Index
+
+    monkeypatch.setattr(defaults, "REFRESH_INTERVAL", 3600.0)  # the server sees only what the answers bring
+    monkeypatch.setattr(defaults, "WRITER_COMMIT_DELAY", 1.0)
+    monkeypatch.setattr(defaults, "WRITER_BUSY", 5.0)
+    Index.create(tmp_path / "index", model=str(tiny_model_path), device="cpu").close()
+    app = create_app([tmp_path / "index"], token=READ, write_token=WRITE, device="cpu", writer_process=True)
+    with TestClient(app) as client:
+        served = app.state.server.served["index"]
+        dim = client.get("/info", headers=R).json()["indexes"][0]["info"]["dim"]
+        t = time.monotonic()
+        assert client.put("/photos/first", json={"embedding": _unit(dim, 1)}, headers=W).status_code == 200
+        assert time.monotonic() - t < 1.0  # nothing was written before it: not held for others
+        before = served.writer.commits
+
+        got: dict[int, object] = {}
+
+        def send(i: int) -> None:
+            if i < 6:
+                got[i] = client.put(f"/photos/b{i}", json={"embedding": _unit(dim, 10 + i)}, headers=W)
+            else:
+                got[i] = client.delete("/photos/first", headers=W)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(7)]
+        for t in threads:  # one every 20 ms, as paced writers send them
+            t.start()
+            time.sleep(0.02)
+        for t in threads:
+            t.join(60)
+        answers = [got[i] for i in range(7)]
+        assert [a.status_code for a in answers] == [200] * 7, [a.text for a in answers]
+        assert [a.json()["key"] for a in answers[:6]] == [f"b{i}" for i in range(6)]
+        assert served.writer.commits - before <= 2  # 7 writes, one group (two if the first came too late)
+        for i in range(6):  # each answered after its commit and the server's apply
+            hits = served.index.search(np.asarray(_unit(dim, 10 + i), dtype=np.float32), k=1)
+            assert [h.key for h in hits] == [f"b{i}"]
+        assert sorted(_keys(client)) == [f"b{i}" for i in range(6)]
+
+
 def test_a_bad_writer_niceness_is_a_clear_error(tmp_path, tiny_model_path, monkeypatch):
     """RUCLIP_SEARCH_WRITER_NICE that is not a whole number stops the app's creation with an error naming the
     variable (it was a bare ValueError) and closes the index it opened; a good one is the writer's niceness."""

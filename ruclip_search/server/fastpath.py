@@ -13,7 +13,6 @@ body it read replayed, so every error answer, the OpenAPI schema and the limits 
 from __future__ import annotations
 
 import hmac
-import math
 from typing import Any
 
 from ..errors import ImageError, QueryError, RuclipSearchError
@@ -31,6 +30,7 @@ except ImportError:  # pragma: no cover - orjson is a dependency; json gives the
 
 _PREFIX = "/photos/"
 _FIELDS = frozenset({"embedding", "collection", "labels", "taken_at"})
+_NUMBERS = frozenset({float, int})
 
 
 class _Declined(Exception):
@@ -119,9 +119,7 @@ class WriteFastPath:
                 code = "bad_image" if isinstance(value.__cause__, ImageError) else "bad_photo"
                 return error_response(400, code, str(value))
             return await _library(None, value)
-        from .results import hit_out
-
-        return _json(hit_out(s, value, score=False).model_dump_json(exclude={"score"}, by_alias=True).encode())
+        return _json(value)  # the record's JSON, made by the writer process
 
 
 def _authorised(scope: dict, token: str | None) -> bool:
@@ -172,11 +170,16 @@ def _photo(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict) or not data.keys() <= _FIELDS:
         raise _Declined
     embedding = data.get("embedding")
-    if not isinstance(embedding, list) or not embedding or not any(embedding):
+    if not isinstance(embedding, list) or not embedding or not set(map(type, embedding)) <= _NUMBERS:
+        raise _Declined  # (bool is not int here: `true` is not a number)
+    import numpy as np
+
+    try:
+        vec = np.asarray(embedding, dtype=np.float64)  # one C pass: a Python loop over 768 floats cost ~0.1 ms
+    except OverflowError:  # an integer beyond float64
+        raise _Declined from None
+    if not np.isfinite(vec).all() or not vec.any():
         raise _Declined
-    for v in embedding:
-        if type(v) is not float and type(v) is not int or not math.isfinite(v):
-            raise _Declined
     collection, labels = data.get("collection"), data.get("labels", [])
     if collection is not None and not isinstance(collection, str):
         raise _Declined
@@ -188,10 +191,7 @@ def _photo(raw: bytes) -> dict[str, Any]:
         collection, names = _names(collection, labels)
     except ApiError:
         raise _Declined from None
-    import numpy as np
-
-    return {"embedding": np.asarray(embedding, dtype=np.float32), "collection": collection, "labels": names,
-            "taken_at": None}  # fmt: skip
+    return {"embedding": vec.astype(np.float32), "collection": collection, "labels": names, "taken_at": None}
 
 
 def _json(body: bytes) -> Any:

@@ -9,7 +9,8 @@ is defaults.WRITER_NICE.)
 How: the server starts `python -m ruclip_search.server.writer` for the index (at its startup, and again on the
 next write after a child died) and hands it each request's key and raw JSON body through the child's stdin. The child parses and checks the body
 exactly as the server's fast path did, commits whatever requests are waiting in one transaction (the index's
-group commit) and answers each through its stdout. The server answers the client only after the child has
+group commit; while writes keep coming, a write waits up to defaults.WRITER_COMMIT_DELAY for others to join its
+group) and answers each through its stdout. The server answers the client only after the child has
 committed *and* the server's own Index has applied that commit (from the vectors the child sends back, or by
 reading the store's change log), so a client reads its own writes. A body the child does not take
 ("declined") goes back to FastAPI, whose route answers it (its 4xx, or an in-process write).
@@ -32,8 +33,10 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
+from .. import defaults
 from ..defaults import WRITE_BATCH, WRITER_NICE
 from ..errors import RuclipSearchError
 
@@ -78,8 +81,8 @@ class WriterFailed(Exception):
 
 class WriterProcess:
     """The server side: `await put(key, body)` / `await remove(key)` answer once the child committed the write and
-    `index` (the server's own) has applied it. Results: ("ok", Hit), ("deleted", bool), ("declined", None),
-    ("error", exception)."""
+    `index` (the server's own) has applied it. Results: ("ok", the 200 body: JSON bytes of the record), ("deleted",
+    bool), ("declined", None), ("error", exception)."""
 
     def __init__(self, index: Any, nice: int | None = None) -> None:
         self._index = index
@@ -92,6 +95,7 @@ class WriterProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting: asyncio.Task[None] | None = None
         self.started = 0  # children started (statistics and tests)
+        self.commits = 0  # groups the children committed (statistics and tests: writes / commits = group size)
 
     @property
     def pid(self) -> int | None:
@@ -134,7 +138,8 @@ class WriterProcess:
         index = self._index
         store = index.store
         cmd = [sys.executable, "-m", "ruclip_search.server.writer", str(store.dir), str(index._towers().dim),
-               index.model_name, str(self._nice)]  # fmt: skip
+               index.model_name, str(self._nice), repr(float(defaults.WRITER_COMMIT_DELAY)),
+               repr(float(defaults.WRITER_BUSY))]  # fmt: skip
         env = dict(os.environ)
         if store.url is not None:  # in the environment, not the command line (ps shows that to every user)
             env[_DB_ENV] = store.url
@@ -166,6 +171,7 @@ class WriterProcess:
                 commits, answers = frame
                 for embeddings, done in commits:
                     self._index.follow_commit(embeddings, done)
+                self.commits += len(commits)
                 with self._lock:
                     settled = [(self._futures.pop(rid, None), answer) for rid, answer in answers]
                 loop.call_soon_threadsafe(_settle, settled)
@@ -270,8 +276,20 @@ def _commit(index: Any, batch: list[tuple[int, str, str, bytes]]) -> tuple[list[
         elif op == "del":
             answers[rid] = ("deleted", result[1] > 0)
         else:
-            answers[rid] = ("ok", result[0][0])
+            answers[rid] = ("ok", _record_json(result[0][0]))
     return commits, [(rid, answers[rid]) for rid, *_ in batch]
+
+
+def _record_json(hit: Any) -> bytes:
+    """A PUT's 200 body, made here so that the server only forwards it (building and pickling the record cost
+    the server's process GIL time per write). A photo put by embedding has no file, so no URL in it names an
+    index: hit_out reads its `s` (the served index) only for those."""
+    from types import SimpleNamespace
+
+    from .results import hit_out
+
+    out = hit_out(SimpleNamespace(url_suffix=""), hit, score=False)  # type: ignore[arg-type]
+    return out.model_dump_json(exclude={"score"}, by_alias=True).encode()
 
 
 def _picklable(e: BaseException) -> BaseException:
@@ -283,9 +301,11 @@ def _picklable(e: BaseException) -> BaseException:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m ruclip_search.server.writer DIR DIM MODEL NICE` (a PostgreSQL URL in RUCLIP_SEARCH_WRITER_DB):
-    commit the writes read from stdin, answer on stdout."""
+    """`python -m ruclip_search.server.writer DIR DIM MODEL NICE DELAY BUSY` (a PostgreSQL URL in
+    RUCLIP_SEARCH_WRITER_DB): commit the writes read from stdin, answer on stdout. DELAY, BUSY: seconds, see
+    defaults.WRITER_COMMIT_DELAY."""
     folder, dim, model, nice = argv[0], int(argv[1]), argv[2], int(argv[3])
+    delay, busy = float(argv[4]), float(argv[5])
     db = os.environ.pop(_DB_ENV, None)
     parent = os.environ.pop("RUCLIP_SEARCH_WRITER_PARENT", None)
     if parent is not None:
@@ -297,6 +317,7 @@ def main(argv: list[str]) -> None:
     stdin = sys.stdin.buffer
     from ..search import Index
     from .fastpath import _photo  # noqa: F401 - imported before "ready": the first write does not wait for it
+    from .results import hit_out  # noqa: F401 - the same
 
     index = Index.open(folder, writable=True, model=_DimOnly(dim, model), db=db)
     index.searchable = False  # the server's Index makes the writes searchable (and compacts)
@@ -317,6 +338,7 @@ def main(argv: list[str]) -> None:
             cond.notify()
 
     threading.Thread(target=read, name="ruclip-writer-requests", daemon=True).start()
+    last = float("-inf")  # when the last group was committed
     try:
         while True:
             with cond:
@@ -324,8 +346,13 @@ def main(argv: list[str]) -> None:
                     cond.wait()
                 if not pending:
                     break
+                if delay > 0 and time.monotonic() - last < busy:  # writes keep coming: let others join the group
+                    until = time.monotonic() + delay
+                    while len(pending) < WRITE_BATCH and not eof[0] and (left := until - time.monotonic()) > 0:
+                        cond.wait(left)
                 batch, pending[:] = pending[:WRITE_BATCH], pending[WRITE_BATCH:]
             commits, answers = _commit(index, batch)
+            last = time.monotonic()
             try:
                 _send(out, (commits, answers))
             except (BrokenPipeError, OSError):
