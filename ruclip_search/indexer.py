@@ -309,6 +309,7 @@ def write_faiss(
         faiss_index.save_atomic(index, store.dir / name)
     except OSError as e:
         raise StorageError(f"Cannot write the FAISS index in {str(store.dir)!r}: {e.strerror or e}.") from e
+    store.analyze()  # the filters' planner statistics follow the data, as the FAISS file does
     store.set_meta(
         faiss_file=name, index_version=str(version), index_type=info["type"], index_kind=kind,
         recall_at_10=str(info["recall_at_10"]), index_params=json.dumps(info["params"]),
