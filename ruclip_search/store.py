@@ -45,6 +45,15 @@ roots_table = sa.Table(
     sa.Column("id", _ID, primary_key=True),
     sa.Column("path", sa.LargeBinary, nullable=False, unique=True),
 )
+
+
+def _embedded_index(name: str, column: str) -> sa.Index:
+    """A partial index on (column, id) of embedded images: a filter reads only it (covering), and photos without
+    an embedding take no room."""
+    embedded = sa.text("embedding IS NOT NULL")
+    return sa.Index(name, column, "id", sqlite_where=embedded, postgresql_where=embedded)
+
+
 images_table = sa.Table(
     "images",
     metadata,
@@ -75,13 +84,7 @@ images_table = sa.Table(
     sa.UniqueConstraint("root_id", "relpath"),
     sa.Index("ix_images_content_hash", "content_hash"),
     sa.Index("ix_images_key", "key", unique=True),
-    sa.Index(
-        "ix_images_collection",
-        "collection",
-        "id",
-        sqlite_where=sa.text("embedding IS NOT NULL"),
-        postgresql_where=sa.text("embedding IS NOT NULL"),
-    ),  # fmt: skip
+    _embedded_index("ix_images_collection", "collection"),
     sa.Index(
         "ix_images_parent",
         "parent_id",
@@ -95,20 +98,8 @@ images_table = sa.Table(
         postgresql_where=sa.text("media IS NOT NULL"),
     ),  # fmt: skip
     # m007: the search filters' date range and formats read an index, not every row (filter_ids)
-    sa.Index(
-        "ix_images_taken_at",
-        "taken_at",
-        "id",
-        sqlite_where=sa.text("embedding IS NOT NULL"),
-        postgresql_where=sa.text("embedding IS NOT NULL"),
-    ),  # fmt: skip
-    sa.Index(
-        "ix_images_format",
-        "format",
-        "id",
-        sqlite_where=sa.text("embedding IS NOT NULL"),
-        postgresql_where=sa.text("embedding IS NOT NULL"),
-    ),  # fmt: skip
+    _embedded_index("ix_images_taken_at", "taken_at"),
+    _embedded_index("ix_images_format", "format"),
     sqlite_autoincrement=True,  # ids are FAISS ids: never reuse the id of a deleted row
 )
 labels_table = sa.Table(
