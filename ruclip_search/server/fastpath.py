@@ -89,9 +89,9 @@ class WriteFastPath:
             return error_response(400, code, str(e))
         except RuclipSearchError as e:  # e.g. the database is gone: the app's own handler's answer
             return await _library(None, e)
-        from .results import hit_out
+        from .results import record_json
 
-        return _json(hit_out(s, hit, score=False).model_dump_json(exclude={"score"}, by_alias=True).encode())
+        return _json(record_json(hit, s.url_suffix))
 
     async def _in_writer(self, scope: dict, receive: Any, s: Any, method: str, key: str, body: list[bytes]) -> Any:
         """The write committed by the index's writer process (server/writer.py): it parses the body as `_photo`

@@ -32,15 +32,26 @@ def _finite(x: Any) -> float | None:
 
 def hit_out(s: Served, hit: Any, score: bool = True) -> HitOut:
     """One hit as JSON; its URLs name the index unless it is the default one (none for a photo without a file)."""
+    return record_out(hit, s.url_suffix, score)
+
+
+def record_json(hit: Any, url_suffix: str = "") -> bytes:
+    """A stored record as a PUT's 200 body (no score). The writer process makes it without a served index: a
+    photo put by embedding has no file, so no URL in it names an index."""
+    return record_out(hit, url_suffix, score=False).model_dump_json(exclude={"score"}, by_alias=True).encode()
+
+
+def record_out(hit: Any, url_suffix: str = "", score: bool = True) -> HitOut:
+    """`hit_out` for URLs that end in `url_suffix` (the served index's `?index=` part, or none)."""
     has_file = bool(hit.path)
     t = getattr(hit, "t", None)
-    at = f"{'&' if s.url_suffix else '?'}t={t:g}" if t is not None else ""
+    at = f"{'&' if url_suffix else '?'}t={t:g}" if t is not None else ""
     return HitOut(
         id=int(hit.id), key=hit.key, collection=hit.collection, labels=list(hit.labels),
         path=display_path(hit.path) if has_file else None, score=_finite(hit.score) if score else None,
         width=hit.width, height=hit.height, taken_at=_iso(hit.taken_at), format=hit.format,
-        thumbnail_url=f"/images/{int(hit.id)}/thumbnail{s.url_suffix}{at}" if has_file else None,
-        file_url=f"/images/{int(hit.id)}/file{s.url_suffix}" if has_file else None,
+        thumbnail_url=f"/images/{int(hit.id)}/thumbnail{url_suffix}{at}" if has_file else None,
+        file_url=f"/images/{int(hit.id)}/file{url_suffix}" if has_file else None,
         media=getattr(hit, "media", "photo"), t=t, duration=getattr(hit, "duration", None),
         raw_path=display_path(hit.raw_path) if getattr(hit, "raw_path", None) else None,
         live_path=display_path(hit.live_path) if getattr(hit, "live_path", None) else None,

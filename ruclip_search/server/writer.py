@@ -39,6 +39,7 @@ from typing import Any
 from .. import defaults
 from ..defaults import WRITE_BATCH, WRITER_NICE
 from ..errors import RuclipSearchError
+from .results import record_json
 
 log = logging.getLogger("ruclip_search.server")
 
@@ -276,20 +277,9 @@ def _commit(index: Any, batch: list[tuple[int, str, str, bytes]]) -> tuple[list[
         elif op == "del":
             answers[rid] = ("deleted", result[1] > 0)
         else:
-            answers[rid] = ("ok", _record_json(result[0][0]))
+            answers[rid] = ("ok", record_json(result[0][0]))  # the 200 body: the server only forwards it (no record to
+            # unpickle and serialise under its GIL per write)
     return commits, [(rid, answers[rid]) for rid, *_ in batch]
-
-
-def _record_json(hit: Any) -> bytes:
-    """A PUT's 200 body, made here so that the server only forwards it (building and pickling the record cost
-    the server's process GIL time per write). A photo put by embedding has no file, so no URL in it names an
-    index: hit_out reads its `s` (the served index) only for those."""
-    from types import SimpleNamespace
-
-    from .results import hit_out
-
-    out = hit_out(SimpleNamespace(url_suffix=""), hit, score=False)  # type: ignore[arg-type]
-    return out.model_dump_json(exclude={"score"}, by_alias=True).encode()
 
 
 def _picklable(e: BaseException) -> BaseException:
@@ -317,7 +307,6 @@ def main(argv: list[str]) -> None:
     stdin = sys.stdin.buffer
     from ..search import Index
     from .fastpath import _photo  # noqa: F401 - imported before "ready": the first write does not wait for it
-    from .results import hit_out  # noqa: F401 - the same
 
     index = Index.open(folder, writable=True, model=_DimOnly(dim, model), db=db)
     index.searchable = False  # the server's Index makes the writes searchable (and compacts)
