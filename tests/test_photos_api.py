@@ -666,6 +666,20 @@ def test_the_write_fast_path_answers_exactly_as_fastapi_does(tmp_path, tiny_mode
             ("PUT", "/photos/c?index=index", {"embedding": good}, W, False),
             ("PUT", "/photos/c", {"embedding": good, "extra": 1}, W, False),
             ("PUT", "/photos/c", {"embedding": [True] * dim}, W, False),
+            (
+                "PUT",
+                "/photos/c",
+                ('{"embedding": [' + ", ".join(["1" + "0" * 400] + ["0.1"] * (dim - 1)) + "]}").encode(),
+                W,
+                False,
+            ),  # an integer beyond float64: declined, FastAPI answers
+            (
+                "PUT",
+                "/photos/c",
+                ('{"embedding": [' + ", ".join(["1e999"] + ["0.1"] * (dim - 1)) + "]}").encode(),
+                W,
+                False,
+            ),  # not finite
             ("PUT", "/photos/c", {"embedding": [0.0] * dim}, W, False),
             ("PUT", "/photos/c", {"embedding": []}, W, False),
             ("PUT", "/photos/c", {"embedding": good, "path": "/etc/passwd"}, W, False),
