@@ -13,15 +13,16 @@ Model: `serve` must load the index's recorded model, so the index records a 768-
 made here (the tiny fixture's config with embed_dim 768, its bpe.model, random weights): it loads in a second
 and no query goes through it (searches are by vector, `GET /similar/{id}`), so it costs nothing measured.
 
-HTTP: a real `python -m ruclip_search.cli serve --write-token T --no-access-log` on 127.0.0.1. Clients are threads
-of this process on the same 2 cores (one keep-alive http.client connection each, request bodies encoded before the
-clock starts; the table gives their CPU beside the server's): --readers searchers `GET /similar/{random id}?k=10`,
---writers writers `PUT /photos/{new key}` with JSON embeddings (each PUT adds a photo with a vector of its own,
+HTTP: a real `python -m ruclip_search.cli serve --write-token T --no-access-log` on 127.0.0.1. Clients run on the
+same 2 cores (one keep-alive http.client connection each, request bodies encoded before the clock starts; the table
+gives their CPU beside the server's): --readers searchers `GET /similar/{random id}?k=10` (threads of this
+process), --writers writers (threads of a process of their own) `PUT /photos/{new key}` with JSON embeddings (each PUT adds a photo with a vector of its own,
 never one sent before). Five phases, 1 s of settling before each:
   FLAT OUT 1. searchers flat out, no writes (--read-seconds): their rate is the machine's search capacity;
            2. with writers flat out (--write-seconds): writes/s counts acknowledged (200) writes;
            3. with writers paced to --paced writes/s in all.
-  PACED    4. searchers paced (open loop, no catching up after a stall) to --search-load (0.5) of the capacity
+  PACED    4. searchers paced (open loop, Poisson arrivals, no catching up after a stall; paced writers too) to
+              --search-load (0.5) of the capacity
               measured in 1, no writes: the machine about half busy, as a served index is between peaks;
            5. the same searchers with writers paced to --paced writes/s.
            4 and 5 alternate --rounds times (3), pooled: a drift of the machine during the run (the page cache,
@@ -330,12 +331,14 @@ def http_part(
         lat: dict[str, list[float]] = {}
         put_lat: dict[str, list[float]] = {}
         search_pace = [0.0]  # seconds between one searcher's requests (0: flat out)
-        write_pace = [None]  # None: writers idle; 0: flat out; else seconds between one writer's PUTs
         errors: list[str] = []
 
-        def paced_wait(due: float, pace: float) -> float:
-            """Sleep until the next slot of an open-loop schedule (no catching up after a stall)."""
-            due = max(due + pace, time.perf_counter() - pace)
+        def paced_wait(due: float, pace: float, rng: random.Random) -> float:
+            """Sleep until the next arrival of an open-loop Poisson schedule of mean gap `pace` (no catching up
+            after a stall). Poisson, as independent users arrive: clients on a fixed period all started together
+            sent their requests in lockstep bursts, and how the searchers' and writers' periods beat against each
+            other moved the p50 more than the writes did (one run's rounds: +16 % to +57 %)."""
+            due = max(due + rng.expovariate(1.0 / pace), time.perf_counter() - pace)
             time.sleep(max(0.0, due - time.perf_counter()))
             return due
 
@@ -344,7 +347,7 @@ def http_part(
             due = time.perf_counter()
             while not stop.is_set():
                 if search_pace[0]:
-                    due = paced_wait(due, search_pace[0])
+                    due = paced_wait(due, search_pace[0], rng)
                 t = time.perf_counter()
                 status = client.call("GET", f"/similar/{rng.randint(1, n)}?k=10")
                 dt, which = time.perf_counter() - t, phase[0]
@@ -353,52 +356,25 @@ def http_part(
                 elif which != "settle":
                     lat.setdefault(which, []).append(dt)
 
-        def write(w: int) -> None:
-            bodies = writer_bodies[w]
-            headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-            client = Client(port)
-            due, i = time.perf_counter(), 0
-            while not stop.is_set():
-                pace = write_pace[0]
-                if pace is None:
-                    time.sleep(0.01)
-                    due = time.perf_counter()
-                    continue
-                if pace:
-                    due = paced_wait(due, pace)
-                t = time.perf_counter()
-                status = client.call("PUT", f"/photos/w{run}-{w}-{i}", bodies[i % len(bodies)], headers)
-                dt, which = time.perf_counter() - t, phase[0]
-                i += 1
-                written[w] = i
-                if status != 200:
-                    errors.append(f"PUT /photos {status}")
-                elif which != "settle":
-                    put_lat.setdefault(which, []).append(dt)
-
-        # Every PUT sends a photo of its own (a vector never sent before: the benchmark measures writes, not
-        # a store full of copies), encoded before the clock starts. Enough for the flat-out phase at 150
-        # writes/s per writer and the paced phases; past that a writer reuses its vectors (counted below).
+        # The writers run in a process of their own (HTTP_WRITERS), as a photo app's backends would: as threads
+        # of this process their client work held this process's GIL and delayed the searchers' own clocks.
+        # Every PUT sends a photo of its own (a vector never sent before), encoded before the clock starts.
         per = int(150 * (write_s + 1) + paced / writers * (write_s + 1) * (1 + rounds)) + 100 if writers else 0
         run = f"{os.getpid()}x{int(time.time())}"  # new keys every run: each PUT adds a photo
-        written = [0] * writers
-        writer_bodies = []
-        for w in range(writers):
-            colls, vecs = data.photos(per, np.random.default_rng([int(time.time()), os.getpid(), w]))
-            writer_bodies.append([json.dumps({"embedding": np.round(v, 6).tolist(), "collection": f"c{c}"}).encode()
-                                  for c, v in zip(colls, vecs, strict=True)])  # fmt: skip
         ext = None
+        if writers and external is None:
+            ext = subprocess.Popen([sys.executable, "-c", HTTP_WRITERS, str(port), str(n), str(writers), str(per), run,
+                                    str(ROOT / "scripts")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, cwd=ROOT)  # fmt: skip
+            assert ext.stdout.readline().strip() == "ready"
         if external is not None:  # EXPERIMENT: writes from a separate process straight into the store
             ext = subprocess.Popen([sys.executable, "-c", EXTERNAL_WRITER, str(folder), str(n), str(external),
                                     str(ROOT / "scripts")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    text=True, cwd=ROOT)  # fmt: skip
             assert ext.stdout.readline().strip() == "ready"
-            writers_n = writers
-            writers = 0
         for _ in range(20):  # warm-up: first requests of each kind
             Client(port).call("GET", f"/similar/{random.randint(1, n)}?k=10")
         threads = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
-        threads += [threading.Thread(target=write, args=(i,)) for i in range(writers)]
         for t in threads:
             t.start()
         cpu: dict[str, tuple[float, float, float]] = {}  # phase -> (seconds, server CPU s, client CPU s)
@@ -411,7 +387,7 @@ def http_part(
                 ext.stdin.flush()
 
         def run_phase(name: str, seconds: float, searchers: float, writes: float | None) -> None:
-            search_pace[0], write_pace[0] = searchers, writes
+            search_pace[0] = searchers
             tell("pace " + ("none" if writes is None else str(writes)))
             tell("phase settle")
             phase[0] = "settle"
@@ -423,13 +399,15 @@ def http_part(
             time.sleep(seconds)
             phase[0] = "settle"
             tell("phase settle")
-            cpu[name] = (time.perf_counter() - t0, _cpu(server.pid) - c0, time.process_time() - m0)
+            clients = time.process_time() - m0
             if ext is not None:
                 ext_cpu[name] = _cpu(ext.pid) - e0
+                clients += ext_cpu[name] if external is None else 0.0  # (the HTTP writers are clients)
+            cpu[name] = (time.perf_counter() - t0, _cpu(server.pid) - c0, clients)
 
         run_phase("flat_alone", read_s, 0.0, None)
         max_qps = len(lat["flat_alone"]) / cpu["flat_alone"][0]
-        nw = writers if ext is None else writers_n
+        nw = writers
         run_phase("flat_writes", write_s, 0.0, 0.0)
         run_phase("flat_paced", write_s, 0.0, nw / paced)
         pace = readers / (search_load * max_qps)
@@ -439,11 +417,15 @@ def http_part(
         stop.set()
         for t in threads:
             t.join(120)
+        written: list[int] = []
         if ext is not None:
             tell("stop")
-            put_lat.update(json.loads(ext.stdout.readline()))
+            got = json.loads(ext.stdout.readline())
+            put_lat.update(got["lat"])
+            errors += got["errors"]
+            written = got["written"]
             ext.wait(60)
-            print("external writer CPU s per phase:", {k: round(v, 2) for k, v in ext_cpu.items()})
+            print("writers' process CPU s per phase:", {k: round(v, 2) for k, v in ext_cpu.items()})
         rss = _rss_peak(server.pid)
     finally:
         server.terminate()
@@ -463,7 +445,7 @@ def http_part(
     reused = sum(max(0, n - per) for n in written)
     return {"lat": lat, "put": put_lat, "cpu": cpu, "max_qps": max_qps, "search_qps": search_load * max_qps,
             "errors": errors, "server_rss": rss, "ratios": ratios, "reused": reused,
-            "keys": [f"w{run}-{w}-{i}" for w in range(writers) for i in range(written[w])]}  # fmt: skip
+            "keys": [f"w{run}-{w}-{i}" for w, count in enumerate(written) for i in range(count)]}  # fmt: skip
 
 
 EXTERNAL_WRITER = """
@@ -505,7 +487,55 @@ for line in sys.stdin:
     elif cmd == "stop": break
 ctl["stop"] = True
 for t in threads: t.join()
-print(json.dumps(lat), flush=True)
+print(json.dumps({"lat": lat, "errors": [], "written": []}), flush=True)
+"""
+
+
+HTTP_WRITERS = """
+import http.client, json, os, random, sys, threading, time
+import numpy as np
+port, n, writers, per, run = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+sys.path.insert(0, sys.argv[6])
+from bench_online import TOKEN, Client, Data
+data = Data(n, 1000)
+bodies = []
+for w in range(writers):
+    colls, vecs = data.photos(per, np.random.default_rng([int(time.time()), os.getpid(), w]))
+    bodies.append([json.dumps({"embedding": np.round(v, 6).tolist(), "collection": f"c{c}"}).encode()
+                   for c, v in zip(colls, vecs)])
+ctl = {"pace": None, "phase": "settle", "stop": False}
+lat, errors, written = {}, [], [0] * writers
+def write(w):
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    client, rng = Client(port), random.Random(1000 + w)
+    due, i = time.perf_counter(), 0
+    while not ctl["stop"]:
+        pace = ctl["pace"]
+        if pace is None:
+            time.sleep(0.01); due = time.perf_counter(); continue
+        if pace:  # open-loop Poisson arrivals, no catching up after a stall (as the searchers)
+            due = max(due + rng.expovariate(1.0 / pace), time.perf_counter() - pace)
+            time.sleep(max(0.0, due - time.perf_counter()))
+        t = time.perf_counter()
+        status = client.call("PUT", f"/photos/w{run}-{w}-{i}", bodies[w][i % per], headers)
+        dt, which = time.perf_counter() - t, ctl["phase"]
+        i += 1
+        written[w] = i
+        if status != 200:
+            errors.append(f"PUT /photos {status}")
+        elif which != "settle":
+            lat.setdefault(which, []).append(dt)
+threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+for t in threads: t.start()
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "pace": ctl["pace"] = None if arg == "none" else float(arg)
+    elif cmd == "phase": ctl["phase"] = arg
+    elif cmd == "stop": break
+ctl["stop"] = True
+for t in threads: t.join()
+print(json.dumps({"lat": lat, "errors": errors, "written": written}), flush=True)
 """
 
 
