@@ -848,18 +848,19 @@ class Store:
     def migrate(self, target: int = SCHEMA_VERSION) -> int:
         """Apply migrations up to `target`, each in its own transaction; returns the new version.
 
-        On PostgreSQL several processes may open a new database at once: each migration runs under a
-        transaction-scoped advisory lock and re-reads the version inside it (SQLite writers hold the index lock).
+        Several processes may open an older index at once: each migration holds the write lock (SQLite; its DDL
+        is then atomic too, which sqlite3 would run in autocommit) or a transaction-scoped advisory lock
+        (PostgreSQL) and re-reads the version inside it.
         """
         version = start = self.schema_version()
         try:
             while version < target:
-                with self.engine.begin() as conn:
+                with self._begin_write(serialise=False) as conn:
                     if self.dialect == "postgresql":
                         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
-                        version = self._read_version(conn)
-                        if version >= target:
-                            break
+                    version = self._read_version(conn)
+                    if version >= target:
+                        break
                     for stmt in migration_sql(version, self.dialect):
                         conn.exec_driver_sql(stmt)
                     name = MIGRATIONS[version][0]
@@ -1418,18 +1419,18 @@ class Store:
         return found.embedding if found is not None else None
 
     @contextlib.contextmanager
-    def _begin_write(self) -> Iterator[sa.Connection]:
+    def _begin_write(self, serialise: bool = True) -> Iterator[sa.Connection]:
         """`engine.begin()` for a write that reads first: its reads are part of it, and writers run one at a time.
 
         SQLite takes the write lock first (BEGIN IMMEDIATE; others wait busy_timeout): Python's sqlite3 (legacy
         transaction mode) would begin only at the first INSERT/UPDATE/DELETE, leaving the reads before it in
         autocommit, so two writers could both read data_version N, or both see a new key absent. PostgreSQL
-        begins with the first statement and takes `_serialise_writers`' lock. Commit and rollback are
-        SQLAlchemy's as usual: sqlite3 sees the open transaction and ends it."""
+        begins with the first statement and takes `_serialise_writers`' lock (unless not `serialise`: migrations,
+        before that table exists). Commit and rollback are SQLAlchemy's: sqlite3 sees the open transaction."""
         with self.engine.begin() as conn:
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
-            else:
+            elif serialise:
                 self._serialise_writers(conn)
             yield conn
 

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from ruclip_search import store as store_module
 from ruclip_search.errors import StorageError
-from ruclip_search.store import PhotoWrite, Store, encode_embedding
+from ruclip_search.store import SCHEMA_VERSION, PhotoWrite, Store, encode_embedding
 
 DIM = 4
 
@@ -59,13 +60,13 @@ def _two_writers(tmp_path: Path, db: str | None) -> tuple[Store, Store]:
     return a, _impatient(Store.create(index, db=db))
 
 
-def _before_first_insert(a: Store, table: str, other: Callable[[], Any]) -> list[Any]:
-    """Run `other` (another writer's whole write) once, just before `a`'s next INSERT INTO `table`, when `a`'s
-    transaction has done its reads. Returns [] (not run yet), [result], or [the lock error] if it had to wait."""
+def _before(a: Store, match: Callable[[str], bool], other: Callable[[], Any]) -> list[Any]:
+    """Run `other` (another writer's whole write) once, just before `a` runs the first statement that `match`es.
+    Returns [] (not run yet), [its result], or [the lock error] if it had to wait for `a`."""
     out: list[Any] = []
 
     def hook(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if out or not statement.lstrip().upper().startswith(f"INSERT INTO {table.upper()}"):
+        if out or not match(statement.lstrip()):
             return
         try:
             out.append(other())
@@ -74,6 +75,11 @@ def _before_first_insert(a: Store, table: str, other: Callable[[], Any]) -> list
 
     sa.event.listen(a.engine, "before_cursor_execute", hook)
     return out
+
+
+def _before_first_insert(a: Store, table: str, other: Callable[[], Any]) -> list[Any]:
+    """`_before` `a`'s first INSERT INTO `table`, when `a`'s transaction has done its reads."""
+    return _before(a, lambda statement: statement.upper().startswith(f"INSERT INTO {table.upper()}"), other)
 
 
 def _waited(outcome: list[Any], retry: Callable[[], Any]) -> Any:
@@ -138,6 +144,41 @@ def test_exception_in_transaction_writes_nothing(tmp_path: Path, db: str | None)
     assert a.max_seq() == 1  # only "kept"'s first put was logged
     b.put_photos([_photo("after", 4)])  # the write lock was released: an impatient writer gets it at once
     assert a.data_version() == start + 1
+    a.close()
+    b.close()
+
+
+def test_a_failed_migration_changes_nothing(tmp_path: Path, db: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A migration is one transaction: on SQLite its DDL ran in autocommit before (a failure part-way left the
+    first tables created at schema 0, and every later open failed on "table meta already exists")."""
+    real = store_module.migration_sql
+
+    def failing(index: int, dialect: str) -> list[str]:
+        return [*real(index, dialect), "INSERT INTO no_such_table VALUES (1)"] if index == 0 else real(index, dialect)
+
+    monkeypatch.setattr(store_module, "migration_sql", failing)
+    with pytest.raises(StorageError, match="no_such_table"):
+        Store.create(tmp_path / "idx", db=db)
+    monkeypatch.setattr(store_module, "migration_sql", real)
+    with Store.create(tmp_path / "idx", db=db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+
+
+def test_a_migration_rereads_the_version_under_the_lock(tmp_path: Path, db: str | None) -> None:
+    """A writer that read an older schema version, then waited while another process migrated, finds the
+    migration done (before, on SQLite: it ran it again, and its CREATE TABLE failed: "table meta already
+    exists")."""
+    index = tmp_path / "idx"
+    index.mkdir()
+    a, b = Store(index, readonly=False, db=db), Store(index, readonly=False, db=db)
+
+    def first_migration_statement(statement: str) -> bool:  # after b read the version 0 outside the lock
+        return statement.startswith(("BEGIN IMMEDIATE", "CREATE TABLE")) or "pg_advisory_xact_lock" in statement
+
+    outcome = _before(b, first_migration_statement, lambda: a.migrate())
+    assert b.migrate() == SCHEMA_VERSION
+    assert outcome == [SCHEMA_VERSION]
+    assert b.schema_version() == SCHEMA_VERSION and b.get_meta(f"migration_{SCHEMA_VERSION:03d}") is not None
     a.close()
     b.close()
 
