@@ -284,7 +284,8 @@ def write_faiss(
     still picks and the collection has not outgrown what it was trained on (faiss_index.RETRAIN_GROWTH);
     otherwise, or with `rebuild`, it is built anew, streamed from one snapshot of the store (train on a
     sample, add in chunks). `memory_budget` (bytes) is remembered in meta for later writes.
-    Returns the file's info (`retrained`: whether it was built anew), None when no model is recorded yet.
+    Returns the file's info (`retrained`: whether it was built anew; not the held-out recall probe, which
+    stays in meta), None when no model is recorded yet.
     """
     kind = kind or store.get_meta("index_kind") or defaults.INDEX_TYPE
     if memory_budget is not None:
@@ -316,8 +317,8 @@ def write_faiss(
         faiss_data_version=str(data_version), index_count=str(info["n"]), faiss_seq=str(seq),
         index_trained_n=str(info["trained_n"]),
     )  # fmt: skip
-    if info.get("recall_probe") is not None or info["retrained"]:
-        probe = info.get("recall_probe")
+    probe = info.pop("recall_probe", None)  # internal (thousands of numbers): kept in meta for the next fold only
+    if probe is not None or info["retrained"]:
         store.set_meta(recall_probe=json.dumps(probe) if probe is not None else None)
     if old and old != name:
         _remove_faiss_file(store.dir / old)

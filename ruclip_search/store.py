@@ -442,7 +442,7 @@ class _Statements(NamedTuple):
     embeddings_by_id: Any
     ids_by_key: Any
     meta_value: Any  # one meta value (`b_key`)
-    meta_update: Any  # set an existing meta value (`b_key`, `b_value`)
+    bump_data_version: Any  # data_version + 1 in one statement (no row: 0 rows updated)
     insert_images: Any  # rows of images, their ids back in order
     insert_changes: Any  # rows of changes, their seqs back in order
 
@@ -460,9 +460,9 @@ def _statements() -> _Statements:
         embeddings_by_id=sa.select(c.id, c.embedding).where(c.id.in_(ids), c.embedding.is_not(None)),
         ids_by_key=sa.select(c.key, c.id).where(c.key.in_(keys)),
         meta_value=sa.select(meta_table.c.value).where(meta_table.c.key == sa.bindparam("b_key")),
-        meta_update=sa.update(meta_table)
-        .where(meta_table.c.key == sa.bindparam("b_key"))
-        .values(value=sa.bindparam("b_value")),
+        bump_data_version=sa.update(meta_table)
+        .where(meta_table.c.key == "data_version")
+        .values(value=sa.cast(sa.cast(meta_table.c.value, sa.BigInteger) + 1, sa.Text)),
         insert_images=sa.insert(images_table).returning(c.id, sort_by_parameter_order=True),
         insert_changes=sa.insert(changes_table).returning(changes_table.c.seq, sort_by_parameter_order=True),
     )
@@ -848,18 +848,19 @@ class Store:
     def migrate(self, target: int = SCHEMA_VERSION) -> int:
         """Apply migrations up to `target`, each in its own transaction; returns the new version.
 
-        On PostgreSQL several processes may open a new database at once: each migration runs under a
-        transaction-scoped advisory lock and re-reads the version inside it (SQLite writers hold the index lock).
+        Several processes may open an older index at once: each migration holds the write lock (SQLite; its DDL
+        is then atomic too, which sqlite3 would run in autocommit) or a transaction-scoped advisory lock
+        (PostgreSQL) and re-reads the version inside it.
         """
         version = start = self.schema_version()
         try:
             while version < target:
-                with self.engine.begin() as conn:
+                with self._begin_write(serialise=False) as conn:
                     if self.dialect == "postgresql":
                         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
-                        version = self._read_version(conn)
-                        if version >= target:
-                            break
+                    version = self._read_version(conn)
+                    if version >= target:
+                        break
                     for stmt in migration_sql(version, self.dialect):
                         conn.exec_driver_sql(stmt)
                     name = MIGRATIONS[version][0]
@@ -1345,7 +1346,7 @@ class Store:
     def root_id(self, root: str) -> int:
         """Id of a root folder, created if new."""
         key = os.fsencode(root)
-        with self.engine.begin() as conn:
+        with self._begin_write() as conn:  # two builds adding one root: the second finds the first's row
             row = conn.execute(sa.select(roots_table.c.id).where(roots_table.c.path == key)).first()
             if row:
                 return int(row[0])
@@ -1418,19 +1419,31 @@ class Store:
         return found.embedding if found is not None else None
 
     @contextlib.contextmanager
+    def _begin_write(self, serialise: bool = True) -> Iterator[sa.Connection]:
+        """`engine.begin()` for a write that reads first: its reads are part of it, and writers run one at a time.
+
+        SQLite takes the write lock first (BEGIN IMMEDIATE; others wait busy_timeout): Python's sqlite3 (legacy
+        transaction mode) would begin only at the first INSERT/UPDATE/DELETE, leaving the reads before it in
+        autocommit, so two writers could both read data_version N, or both see a new key absent. PostgreSQL
+        begins with the first statement and takes `_serialise_writers`' lock (unless not `serialise`: migrations,
+        before that table exists). Commit and rollback are SQLAlchemy's: sqlite3 sees the open transaction."""
+        with self.engine.begin() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            elif serialise:
+                self._serialise_writers(conn)
+            yield conn
+
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[sa.Connection]:
         """One write transaction that also bumps `data_version`, so the FAISS file is known to be stale.
 
-        Write transactions run one at a time, as on SQLite (see `_serialise_writers`)."""
+        Write transactions run one at a time, their reads included (see `_begin_write`)."""
         try:
-            with self.engine.begin() as conn:
-                self._serialise_writers(conn)
-                row = conn.execute(_statements().meta_value, {"b_key": "data_version"}).first()
+            with self._begin_write() as conn:
                 yield conn
-                if row is None:
+                if not conn.execute(_statements().bump_data_version).rowcount:
                     self._set_meta(conn, data_version="1")
-                else:
-                    conn.execute(_statements().meta_update, {"b_key": "data_version", "b_value": str(int(row[0]) + 1)})
         except sa.exc.OperationalError as e:
             raise StorageError(f"Cannot write the index database {self.where}: {e.orig}.") from e
 
@@ -1447,7 +1460,8 @@ class Store:
         reader that followed `seq > 4` up to 6 would never see 5. With this lock taken before any seq is drawn
         and held to commit, seqs are drawn in commit order (readers are not blocked: they take ACCESS SHARE).
         Taken first in every write transaction, not just before the insert, so that writers never wait on
-        each other's row locks while holding it (a deadlock). SQLite has one writer at a time anyway.
+        each other's row locks while holding it (a deadlock). SQLite has one writer at a time anyway (and
+        `_begin_write` takes its lock first).
         """
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("LOCK TABLE changes IN EXCLUSIVE MODE")
@@ -1642,8 +1656,7 @@ class Store:
             if self.dialect == other.dialect == "sqlite":
                 self._replace_attached(other, **meta)
                 return
-            with self.engine.begin() as conn, other._snapshot() as src:
-                self._serialise_writers(conn)
+            with self._begin_write() as conn, other._snapshot() as src:
                 conn.execute(sa.delete(images_table))
                 conn.execute(sa.delete(roots_table))
                 for table in (roots_table, images_table, labels_table):
@@ -1716,8 +1729,7 @@ class Store:
         counts: dict[str, int] = {}
         chunk = chunk or COPY_CHUNK
         try:
-            with self._snapshot() as src, dest.engine.begin() as dst:
-                dest._serialise_writers(dst)
+            with self._snapshot() as src, dest._begin_write() as dst:
                 for table in (roots_table, images_table, labels_table, changes_table):
                     report = (lambda n, t=table.name: progress(t, n)) if progress is not None else None
                     counts[table.name] = _copy_rows(src, dst, table, chunk=chunk, progress=report)

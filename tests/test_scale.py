@@ -352,3 +352,36 @@ def test_ivfpq_refine_code_lives_and_goes_with_its_faiss_file(store: Store, monk
     index = faiss_index.load(second, params=json.loads(store.get_meta("index_params")))
     refiner = faiss_index.refiner_of(index)
     assert refiner is not None and len(refiner.codes) > max(stored(store)[0])  # the fold's vectors are in it
+
+
+def test_cli_compact_says_what_it_folded_and_keeps_the_probe_internal(tmp_path: Path, tiny_model_path: Path) -> None:
+    """`ruclip-index compact` prints one short line, and neither it nor `--json` (nor `reindex --json`) shows the
+    held-out recall probe: thousands of ids and scores, kept in meta for the next fold."""
+    from ruclip_search.cli import main
+    from ruclip_search.search import Index
+
+    index = tmp_path / "app"
+    vecs, _ = vectors(1300, seed=21)
+    with Index.create(index, model=str(tiny_model_path), device="cpu") as idx:
+        idx.add_many({"key": f"p{i}", "embedding": v} for i, v in enumerate(vecs[:1200]))
+    runner = CliRunner()
+    result = runner.invoke(main, ["reindex", "--index", str(index), "--type", "ivf", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["type"] == "ivf" and "recall_probe" not in result.output
+
+    def compact(*args: str, first: int) -> str:
+        with Index.open(index, writable=True, device="cpu") as idx:
+            idx.add_many({"key": f"p{i}", "embedding": vecs[i]} for i in range(first, first + 50))
+        result = runner.invoke(main, ["compact", "--index", str(index), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    info = json.loads(compact("--json", first=1200))
+    assert "recall_probe" not in info
+    assert info["type"] == "ivf" and info["folded"] == 50 and not info["retrained"] and info["n"] == 1250
+    line = compact(first=1250)
+    assert "recall_probe" not in line and len(line.splitlines()) == 1 and len(line) < 200, line
+    assert line.startswith("folded 50 writes into the ivf index (1300 vectors, not retrained), recall@10 0."), line
+    assert line.rstrip().endswith(" s") and "held-out queries 0." in line
+    with Store.open(index) as store:  # still kept where the next fold reads it
+        assert len(json.loads(store.get_meta("recall_probe"))["ids"]) == faiss_index.PROBE_QUERIES
