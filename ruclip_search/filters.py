@@ -7,6 +7,7 @@ Parsed once from what a person typed (CLI options, HTTP query parameters, Python
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -133,23 +134,16 @@ def _when(value: DateLike, *, end: bool) -> datetime:
 
 MAX_NAME_LENGTH = 200  # collection and label names
 MAX_KEY_LENGTH = 512  # photo keys (the application's own ids)
-_NAME_FORBIDDEN = frozenset("/'\";%")
-
-
-def _has_control(text: str) -> bool:
-    """True when `text` holds a control character (NUL, newline, DEL, C1 controls...)."""
-    return any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in text)
+# Control characters (NUL, newline, DEL, C1 controls...), and for names also / ' " ; %. One regex scan in C:
+# a Python loop over the characters cost ~20 us per photo written, on a photo app's write path.
+_KEY_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f/]")
+_NAME_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f/'\";%]")
 
 
 def validate_name(value: Any, what: str = "collection") -> str:
     """A collection or label name as given, if valid (1-200 characters, no control characters, none of / ' " ; %);
     else QueryError saying what to use."""
-    if (
-        not isinstance(value, str)
-        or not 0 < len(value) <= MAX_NAME_LENGTH
-        or _has_control(value)
-        or any(ch in _NAME_FORBIDDEN for ch in value)
-    ):
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LENGTH or _NAME_FORBIDDEN.search(value) is not None:
         shown = repr(value) if not isinstance(value, str) or len(value) <= 60 else repr(value[:60]) + "..."
         raise QueryError(
             f"Bad {what} name {shown}: use 1-{MAX_NAME_LENGTH} characters, letters, digits and - _ . : @ "
@@ -160,7 +154,7 @@ def validate_name(value: Any, what: str = "collection") -> str:
 
 def validate_key(key: Any) -> str:
     """A photo key as given, if valid (a str of 1-512 characters, no control characters, no /); else QueryError."""
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH or _has_control(key) or "/" in key:
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH or _KEY_FORBIDDEN.search(key) is not None:
         shown = repr(key) if not isinstance(key, str) or len(key) <= 60 else repr(key[:60]) + "..."
         raise QueryError(
             f"Bad photo key {shown}: use 1-{MAX_KEY_LENGTH} characters without '/' or control characters "
