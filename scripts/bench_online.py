@@ -448,11 +448,30 @@ def http_part(
             "keys": [f"w{run}-{w}-{i}" for w, count in enumerate(written) for i in range(count)]}  # fmt: skip
 
 
+def follow_commands(ctl: dict, threads: list[threading.Thread]) -> None:
+    """In a writers' process (HTTP_WRITERS, EXTERNAL_WRITER): start the writer threads, say "ready", then follow
+    the commands on stdin (`pace S|none`, `phase NAME`, `stop`) in `ctl`, and join the threads on `stop`."""
+    for t in threads:
+        t.start()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "pace":
+            ctl["pace"] = None if arg == "none" else float(arg)
+        elif cmd == "phase":
+            ctl["phase"] = arg
+        elif cmd == "stop":
+            break
+    ctl["stop"] = True
+    for t in threads:
+        t.join()
+
+
 EXTERNAL_WRITER = """
 import json, os, sys, threading, time
 import numpy as np
 sys.path.insert(0, sys.argv[4])
-from bench_online import Data
+from bench_online import Data, follow_commands
 from ruclip_search.search import Index
 os.nice(int(sys.argv[3]))
 idx = Index.open(sys.argv[1], writable=True)
@@ -478,15 +497,7 @@ def write(w):
         if which != "settle":
             lat.setdefault(which, []).append(dt)
 threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
-for t in threads: t.start()
-print("ready", flush=True)
-for line in sys.stdin:
-    cmd, _, arg = line.strip().partition(" ")
-    if cmd == "pace": ctl["pace"] = None if arg == "none" else float(arg)
-    elif cmd == "phase": ctl["phase"] = arg
-    elif cmd == "stop": break
-ctl["stop"] = True
-for t in threads: t.join()
+follow_commands(ctl, threads)
 print(json.dumps({"lat": lat, "errors": [], "written": []}), flush=True)
 """
 
@@ -496,7 +507,7 @@ import http.client, json, os, random, sys, threading, time
 import numpy as np
 port, n, writers, per, run = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sys.path.insert(0, sys.argv[6])
-from bench_online import TOKEN, Client, Data
+from bench_online import TOKEN, Client, Data, follow_commands
 data = Data(n, 1000)
 bodies = []
 for w in range(writers):
@@ -526,15 +537,7 @@ def write(w):
         elif which != "settle":
             lat.setdefault(which, []).append(dt)
 threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
-for t in threads: t.start()
-print("ready", flush=True)
-for line in sys.stdin:
-    cmd, _, arg = line.strip().partition(" ")
-    if cmd == "pace": ctl["pace"] = None if arg == "none" else float(arg)
-    elif cmd == "phase": ctl["phase"] = arg
-    elif cmd == "stop": break
-ctl["stop"] = True
-for t in threads: t.join()
+follow_commands(ctl, threads)
 print(json.dumps({"lat": lat, "errors": errors, "written": written}), flush=True)
 """
 
@@ -598,15 +601,16 @@ def main() -> None:
         return
     settle(folder)
     t = time.perf_counter()
-    nothing = {"same": [], "cross": [], "scoped": [], "scoped_cold": [], "scoped_sizes": [0]}
-    local = nothing if args.http_only else in_process(folder, data, args.adds, args.cross_adds, args.queries)
-    print(f"in-process part {time.perf_counter() - t:.0f} s", flush=True)
-    t = time.perf_counter()
+    # the HTTP part first: the in-process part's cold scoped searches drop the index files from the page cache
     web = http_part(folder, data, args.n, args.read_seconds, args.write_seconds, args.readers, args.writers, args.paced,
                     args.search_load, args.external_writer, args.server_read_only, args.rounds)  # fmt: skip
     print(f"HTTP part {time.perf_counter() - t:.0f} s, {len(web['errors'])} errors {sorted(set(web['errors']))}; "
-          f"{web['reused']} PUTs reused a vector")  # fmt: skip
+          f"{web['reused']} PUTs reused a vector", flush=True)  # fmt: skip
     forget(folder, web["keys"])
+    t = time.perf_counter()
+    nothing = {"same": [], "cross": [], "scoped": [], "scoped_cold": [], "scoped_sizes": [0]}
+    local = nothing if args.http_only else in_process(folder, data, args.adds, args.cross_adds, args.queries)
+    print(f"in-process part {time.perf_counter() - t:.0f} s", flush=True)
     comp = {"seconds": float("nan"), "folded": 0, "type": "-", "params": "-", "recall": "-", "rss": float("nan")}
     if not args.no_compact:
         out = subprocess.run([sys.executable, "-c", COMPACT, str(folder)], capture_output=True, text=True, cwd=ROOT)
