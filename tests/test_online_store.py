@@ -195,7 +195,9 @@ def test_filter_ids_with_collections_and_labels(store: Store) -> None:
     assert SearchFilters.parse(collections=["b", "a"]).to_dict() == {"collections": ["a", "b"]}
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "a\x00b", "tab\there", "x" * 513, "k" * 10_000, 42, None])
+@pytest.mark.parametrize(
+    "bad", ["", "a/b", "a\x00b", "tab\there", "a\x7f", "a\x85b", "\x9f", "x" * 513, "k" * 10_000, 42, None]
+)
 def test_bad_keys_are_query_errors(store: Store, bad: object) -> None:
     with pytest.raises(QueryError, match="Bad photo key"):
         validate_key(bad)
@@ -205,7 +207,7 @@ def test_bad_keys_are_query_errors(store: Store, bad: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "a/b", "a\x00b", "it's", 'say "hi"', "a;b", "100%", "new\nline", "\x7f", "x" * 201, 7]
+    "bad", ["", "a/b", "a\x00b", "it's", 'say "hi"', "a;b", "100%", "new\nline", "\x7f", "a\x85", "x" * 201, 7]
 )
 def test_bad_names_are_query_errors(store: Store, bad: object) -> None:
     with pytest.raises(QueryError, match="Bad collection name"):
@@ -220,9 +222,9 @@ def test_bad_names_are_query_errors(store: Store, bad: object) -> None:
 
 
 def test_good_names_and_keys() -> None:
-    for name in ["trip-2021_06.a:b@c", "Фото", "x" * 200, "with space"]:
+    for name in ["trip-2021_06.a:b@c", "Фото", "x" * 200, "with space", "no\xa0break"]:  # U+00A0: not a control
         assert validate_name(name, "label") == name
-    for key in ["user42-IMG_0001.jpg", "k" * 512, "it's fine", "Фото 1"]:
+    for key in ["user42-IMG_0001.jpg", "k" * 512, "it's fine", "Фото 1", "a;b%c", "no\xa0break"]:
         assert validate_key(key) == key
     with pytest.raises(QueryError, match="empty"):
         SearchFilters.parse(collections=[])
