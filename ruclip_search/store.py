@@ -787,6 +787,10 @@ class Store:
     only the FAISS files and the lock).
     """
 
+    #: write_photos of photos without a file on SQLite takes `_write_photos_sqlite` (False: the SQLAlchemy path
+    #: for all, as on PostgreSQL; tests compare the two)
+    lean_writes = True
+
     def __init__(self, index_dir: str | os.PathLike[str], *, readonly: bool = True, db: str | None = None) -> None:
         self.dir = Path(index_dir)
         self.readonly = readonly
@@ -1620,7 +1624,7 @@ class Store:
         """
         values = [w.values() for w in writes]  # validate all before writing any
         keys = list(dict.fromkeys(str(k) for k in delete))
-        if self.dialect == "sqlite" and all(w.root_id is None for w in writes):
+        if self.lean_writes and self.dialect == "sqlite" and all(w.root_id is None for w in writes):
             ids, deleted, seqs, version = self._write_photos_sqlite(writes, values, keys)
             records = [self._written(i, w, v, {}) for i, w, v in zip(ids, writes, values, strict=True)]
             return PhotosWritten(records, deleted, seqs[0] if seqs else 0, seqs[-1] if seqs else 0, int(version or 0))
