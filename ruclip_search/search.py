@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -529,6 +529,24 @@ def _caught_up(store: Store, segment: _Segment) -> _Segment | None:
     return segment.apply(ids, vecs, gone, seq)
 
 
+class Committed(NamedTuple):
+    """What an Index needs of a committed `Store.write_photos` to make it searchable from memory
+    (`follow_commit`): the ids put (in order), the ids deleted, the change seqs logged (first, last; 0, 0: none)
+    and the FAISS file version written against. A writer process pickles one per group to the server: the
+    whole PhotosWritten (a record per photo) cost both processes more to pickle than the rest of the message."""
+
+    ids: list[int]
+    deleted: list[int]
+    first_seq: int
+    last_seq: int
+    index_version: int
+
+    @classmethod
+    def of(cls, done: PhotosWritten) -> Committed:
+        return cls([r.id for r in done.records], list(done.deleted.values()), done.first_seq, done.last_seq,
+                   done.index_version)  # fmt: skip
+
+
 #: One caller's share of a group commit: (photos to put, keys to delete) -> (their records, deleted ids).
 _WriteOp = tuple[list[PhotoWrite], list[str]]
 _WriteResult = tuple[list[ImageRecord], list[int]]
@@ -555,9 +573,9 @@ class Index:
         self._videos: tuple[tuple[int, int], bool] | None = None  # (state stamp, whether videos are stored)
         # concurrent add/remove calls are committed together (one transaction and one catch-up per group)
         self._writes: GroupCommit[_WriteOp, _WriteResult] = GroupCommit(self._commit_group)
-        #: called with (the embeddings put, PhotosWritten) after each commit: how a writer process tells the
+        #: called with (the embeddings put, Committed) after each commit: how a writer process tells the
         #: server what it committed, so the server's searches see it without reading it back (`follow_commit`)
-        self.on_commit: Callable[[list[bytes], PhotosWritten], None] | None = None
+        self.on_commit: Callable[[list[bytes], Committed], None] | None = None
         #: False in a process that only commits (a server's writer process): its writes are not made searchable
         #: here and it never catches up with the store (the server's Index does both)
         self.searchable = True
@@ -1245,13 +1263,14 @@ class Index:
             out.append((done.records[start : start + len(p)], list(mine.values())))
             start += len(p)
         embeddings = [w.embedding for w in puts]
+        committed = Committed.of(done)
         if self.on_commit is not None:
-            self.on_commit(embeddings, done)
+            self.on_commit(embeddings, committed)
         if self.searchable:
-            self.follow_commit(embeddings, done)
+            self.follow_commit(embeddings, committed)
         return out
 
-    def follow_commit(self, embeddings: Sequence[bytes], done: PhotosWritten) -> None:
+    def follow_commit(self, embeddings: Sequence[bytes], done: Committed) -> None:
         """Make a committed write (this process's, or one a writer process reported) visible to this Index's
         searches on return: from memory when it directly follows what the segment holds, else by catching up
         with the store (which holds it: it was committed)."""
@@ -1262,7 +1281,7 @@ class Index:
             log.warning("index %s: catching up after a write failed", self.store.dir, exc_info=True)
         self._maybe_compact()
 
-    def _apply_own(self, embeddings: Sequence[bytes], done: PhotosWritten) -> bool:
+    def _apply_own(self, embeddings: Sequence[bytes], done: Committed) -> bool:
         """Put a committed write into the segment from memory, without reading the change log back: only when
         nothing else changed the index between the segment and this write (its seqs follow the segment's last
         and the FAISS file is the loaded one); False otherwise (the caller catches up)."""
@@ -1275,8 +1294,8 @@ class Index:
                 return True  # a catch-up has read it already
             if done.first_seq != segment.seq + 1 or done.index_version != state.version or state.dim is None:
                 return False
-            gone = set(done.deleted.values())
-            live = {r.id: e for r, e in zip(done.records, embeddings, strict=True) if r.id not in gone}
+            gone = set(done.deleted)
+            live = {i: e for i, e in zip(done.ids, embeddings, strict=True) if i not in gone}
             vecs = decode_embeddings(list(live.values()), state.dim) if live else np.zeros((0, state.dim), np.float32)
             ids = np.fromiter(live, dtype=np.int64, count=len(live))
             gone_ids = np.array(sorted(gone), dtype=np.int64)
