@@ -1704,16 +1704,16 @@ class Store:
                 except sqlite3.Error:  # the connection is unusable: the pool opens another
                     raw.invalidate()
                 raise
-        except sqlite3.IntegrityError as e:
-            raise QueryError(f"Cannot store these photos ({e}): two of them name the same file.") from e
-        except sqlite3.OperationalError as e:
-            raise StorageError(f"Cannot write the index database {self.where}: {e}.") from e
-        except sqlite3.DatabaseError as e:
+        except sqlite3.DatabaseError as e:  # worded as on the SQLAlchemy path: `_damaged`, then write_photos's
             assert self.db_path is not None
             damaged = _damage(self.db_path, self.readonly, e)
-            if damaged is None:
-                raise
-            raise damaged from e
+            if damaged is not None:
+                raise damaged from e
+            if isinstance(e, sqlite3.IntegrityError):
+                raise QueryError(f"Cannot store these photos ({e}): two of them name the same file.") from e
+            if isinstance(e, sqlite3.OperationalError):  # as `transaction()`: locked, disk full, read-only
+                raise StorageError(f"Cannot write the index database {self.where}: {e}.") from e
+            raise
         finally:
             raw.close()
         return ids, deleted, seqs, row[0] if row is not None else None

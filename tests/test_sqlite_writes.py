@@ -170,3 +170,17 @@ def test_a_locked_index_is_a_storage_error_and_writes_nothing(tmp_path: Path) ->
     store.write_photos([_photo("a", 1)])  # the pooled connections are usable again
     assert store.get_by_key("a") is not None
     store.close()
+
+
+def test_a_read_only_store_refuses_alike(tmp_path: Path) -> None:
+    _store(tmp_path / "idx").close()
+    reader = Store.open(tmp_path / "idx")
+    errors = []
+    for lean in (True, False):
+        reader.lean_writes = lean
+        with pytest.raises(StorageError) as caught:
+            reader.write_photos([_photo("a", 1)])
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "readonly" in errors[0]
+    assert reader.get_by_key("a") is None
+    reader.close()
