@@ -503,6 +503,44 @@ def test_the_recent_segment_ranks_exactly_at_any_size() -> None:
         assert np.allclose([s for _, s in got], [s for _, s in truth], atol=1e-5)
 
 
+def test_segment_snapshots_stay_as_they_were_while_later_writes_grow_it() -> None:
+    """Writes apply to the latest segment snapshot a few ids at a time, mostly new photos whose tombstones and
+    live flags grow in place; every older snapshot (a search still reading it) keeps exactly its own rows,
+    tombstones and live flags, through new photos, replacements and deletes, across buffer growth."""
+    from ruclip_search.search import _Segment
+
+    rng = np.random.default_rng(5)
+    none = np.zeros(0, dtype=np.int64)
+    seg, snaps, current, next_id, changed = _Segment.empty(0, 4), [], {}, 1, set()
+    for step in range(400):
+        kind = step % 7
+        if kind == 3 and current:  # replace one photo
+            ids = np.array([rng.choice(sorted(current))], dtype=np.int64)
+            gone = none
+        elif kind == 5 and current:  # delete one, add one
+            gone = np.array([rng.choice(sorted(current))], dtype=np.int64)
+            ids, next_id = np.array([next_id], dtype=np.int64), next_id + 1
+        else:  # one to three new photos
+            m = int(rng.integers(1, 4))
+            ids, next_id, gone = np.arange(next_id, next_id + m, dtype=np.int64), next_id + m, none
+        vecs = rng.normal(size=(len(ids), 4)).astype(np.float32)
+        seg = seg.apply(ids, vecs, gone, step + 1)
+        for i in gone.tolist():
+            current.pop(i)
+        current.update({int(i): v for i, v in zip(ids, vecs, strict=True)})
+        live = {int(i): v for i, v, ok in zip(seg.ids, seg.vecs, seg.live, strict=True) if ok}
+        assert live.keys() == current.keys() and all(np.array_equal(live[i], current[i]) for i in live)
+        changed |= set(ids.tolist()) | set(gone.tolist())
+        assert seg.tombs.tolist() == sorted(changed)
+        snaps.append((seg, seg.tombs.tolist(), seg.live.tolist(), seg.ids.tolist()))
+    old = snaps[-2][0]  # an older snapshot applied to (a branch: not done, but safe) leaves the newer ones be
+    branch = old.apply(np.array([next_id + 1, next_id + 2]), np.ones((2, 4), dtype=np.float32), none, 10**6)
+    assert branch.tombs.tolist() == old.tombs.tolist() + [next_id + 1, next_id + 2]
+    assert branch.live.tolist() == old.live.tolist() + [True, True]
+    for snap, tombs, live, ids in snaps:  # unchanged by every later write
+        assert snap.tombs.tolist() == tombs and snap.live.tolist() == live and snap.ids.tolist() == ids
+
+
 def test_a_large_recent_segment_is_searched_in_the_lists_the_query_probes(
     idx: Index, monkeypatch: pytest.MonkeyPatch
 ) -> None:

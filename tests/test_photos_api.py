@@ -646,9 +646,10 @@ def test_the_write_fast_path_answers_exactly_as_fastapi_does(tmp_path, tiny_mode
     for name in ("fast", "plain"):
         Index.create(tmp_path / name / "index", model=str(tiny_model_path), device="cpu").close()
         app = create_app([tmp_path / name / "index"], token=READ, write_token=WRITE, device="cpu",
-                         writer_process=writer_process and name == "fast")  # fmt: skip
-        if name == "plain":  # the same app without the fast path (the stack is built on the first request)
-            app.user_middleware = [m for m in app.user_middleware if m.cls is not fastpath.WriteFastPath]
+                         writer_process=writer_process and name == "fast",
+                         max_upload_bytes=1)  # bodies over 64 KiB (MULTIPART_SLACK) + 1 byte: 413  # fmt: skip
+        if name == "plain":  # the same app without the fast path
+            app.write_fast_path = None
         apps.append(app)
     with TestClient(apps[0]) as fast, TestClient(apps[1]) as plain:
         dim = fast.get("/info", headers=R).json()["indexes"][0]["info"]["dim"]
@@ -693,6 +694,8 @@ def test_the_write_fast_path_answers_exactly_as_fastapi_does(tmp_path, tiny_mode
             ("PUT", "/photos/" + "k" * 600, {"embedding": good}, W, False),
             ("PUT", "/photos/%00", {"embedding": good}, W, False),
             ("PUT", "/photos/c", b"embedding=1", {**W, "Content-Type": "text/plain"}, False),
+            ("PUT", "/photos/c", {"embedding": good}, {**W, "Origin": "https://app.example"}, False),  # CORS's
+            ("PUT", "/photos/c", {"embedding": good * (4000 // dim + 1)}, W, False),  # over the limit: 413
             ("DELETE", "/photos/b", None, W, True),
             ("DELETE", "/photos/b", None, W, True),  # gone: 404 photo_not_found
             ("DELETE", "/photos/a", None, R, False),

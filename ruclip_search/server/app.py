@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,20 @@ from .routes import images, meta, photos, search, web
 from .state import ServerState, open_indexes
 from .thumbnails import ThumbCache
 from .uploads import MULTIPART_SLACK, UploadLimit
+
+
+class RuclipApp(FastAPI):
+    """FastAPI with the hot writes' handler (server/fastpath.py) in front of its whole middleware stack: each
+    request meets it first, and what it does not answer goes through FastAPI as before. Setting
+    `write_fast_path` to None serves every request through FastAPI (the tests compare the two)."""
+
+    write_fast_path: WriteFastPath | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.write_fast_path is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.write_fast_path(scope, receive, send)
 
 
 @asynccontextmanager
@@ -45,7 +60,7 @@ def create_app(
     allow_roots: Iterable[str | os.PathLike[str]] = (),
     db: str | Sequence[str | None] | None = None,
     writer_process: bool = False,
-) -> FastAPI:
+) -> RuclipApp:
     """The FastAPI app serving `index_dirs` (folders, or already opened `Index` objects); the first is default.
 
     Indexes are opened now, so a missing or unbuilt index fails here (IndexNotFoundError), not per request.
@@ -61,7 +76,7 @@ def create_app(
     models = ModelCache(device)
     served = open_indexes(index_dirs, model=model, device=device, models=models, refresh_interval=refresh_interval,
                           writable=write_token is not None, db=db)  # fmt: skip
-    app = FastAPI(
+    app = RuclipApp(
         title="ruclip-search",
         version=__version__,
         description="Find photos by a Russian sentence (RuCLIP + FAISS). Errors are JSON: "
@@ -76,14 +91,15 @@ def create_app(
     for module in (meta, search, images, photos, web):
         app.include_router(module.router)
     install_error_handlers(app)
-    app.add_middleware(WriteFastPath, server=app)  # inside the CORS and upload-limit middleware
     if cors := list(cors_origins):
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST", "PUT", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     app.add_middleware(UploadLimit, limit=max_upload_bytes + MULTIPART_SLACK)
+    app.write_fast_path = WriteFastPath(partial(FastAPI.__call__, app), server=app,
+                                        limit=max_upload_bytes + MULTIPART_SLACK)  # fmt: skip
     return app
 
 
-__all__ = ["create_app"]
+__all__ = ["RuclipApp", "create_app"]

@@ -1,5 +1,5 @@
 """The hot writes of a photo app, `PUT /photos/{key}` with a JSON embedding and `DELETE /photos/{key}`, answered
-by a small ASGI handler in front of FastAPI.
+by a small ASGI handler in front of FastAPI and all its middleware.
 
 Why by hand: under a photo app's write load, FastAPI's routing, dependency solving, pydantic validation and
 response-model serialisation cost about as much CPU as the write itself (py-spy, 4 writers at 1M photos), and on
@@ -8,6 +8,11 @@ the same functions (`checked_key`, `_names`, `_when`, the write token's constant
 through the same batcher; it answers only requests it is sure of. Anything else (another body type, a query
 string, a bad token, any field it does not take, any value a check refuses) goes to FastAPI unchanged, with the
 body it read replayed, so every error answer, the OpenAPI schema and the limits stay FastAPI's own.
+
+It sits outside the whole middleware stack (server/app.py's `RuclipApp` calls it first): inside it, seven layers
+of middleware (errors, telemetry, body limits, upload limit) and their send wrappers cost a fifth of the server's
+CPU per write (py-spy, 200 writes/s). So it keeps their rules itself: a request from a browser (an `Origin`
+header: CORS must answer it), one without a Content-Length or over the upload limit, goes to FastAPI.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ class _Declined(Exception):
 class WriteFastPath:
     """ASGI middleware: the happy path of PUT (JSON embedding) and DELETE /photos/{key} on the default index."""
 
-    def __init__(self, app: Any, server: Any) -> None:
-        self.app, self.server = app, server  # `server`: the FastAPI app (its state holds the ServerState)
+    def __init__(self, app: Any, server: Any, limit: int) -> None:
+        # `server`: the FastAPI app (its state holds the ServerState); `limit`: UploadLimit's, in bytes
+        self.app, self.server, self.limit = app, server, limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         method = scope.get("method")
@@ -52,11 +58,27 @@ class WriteFastPath:
             return
         body: list[bytes] = []
         try:
+            if not self._plain(scope):
+                raise _Declined
             response = await self._answer(scope, receive, method, path[len(_PREFIX) :], body)
         except _Declined:
             await self.app(scope, _replay(body, receive) if body else receive, send)
             return
         await response(scope, receive, send)
+
+    def _plain(self, scope: dict) -> bool:
+        """No Origin header (CORS answers those), and a Content-Length within the upload limit (or no body: a
+        DELETE)."""
+        length: int | None = None
+        for name, value in scope.get("headers", ()):
+            if name == b"origin" or name == b"transfer-encoding":
+                return False
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return False
+        return length is None and scope["method"] == "DELETE" or length is not None and length <= self.limit
 
     async def _answer(self, scope: dict, receive: Any, method: str, key: str, body: list[bytes]) -> Any:
         state = self.server.state.server
@@ -81,7 +103,7 @@ class WriteFastPath:
             return error_response(404, "photo_not_found", f"No photo with key {key[:200]!r} in index {s.name!r}.")
         if _content_type(scope) != "application/json":
             raise _Declined
-        args = _photo(await _read(receive, body))
+        args = _photo(await _read(receive, body, self.limit))
         try:
             hit = await s.writes.put({"key": key, "image": None, **args})
         except QueryError as e:  # the route's own answer (nothing was written)
@@ -104,7 +126,7 @@ class WriteFastPath:
             elif _content_type(scope) != "application/json":
                 raise _Declined
             else:
-                kind, value = await s.writer.put(key, await _read(receive, body))
+                kind, value = await s.writer.put(key, await _read(receive, body, self.limit))
         except WriterFailed as e:
             return error_response(503, "writer_failed", f"{e} The write may or may not have been committed: send "
                                   "it again (PUT and DELETE can be repeated safely).")  # fmt: skip
@@ -140,13 +162,17 @@ def _content_type(scope: dict) -> str:
     return ""
 
 
-async def _read(receive: Any, body: list[bytes]) -> bytes:
-    """The whole request body (kept in `body` for a replay to FastAPI)."""
+async def _read(receive: Any, body: list[bytes], limit: int) -> bytes:
+    """The whole request body (kept in `body` for a replay to FastAPI, which answers one over `limit`)."""
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             raise _Declined  # the client went away: let FastAPI see it
         body.append(message.get("body", b""))
+        size += len(body[-1])
+        if size > limit:
+            raise _Declined
         if not message.get("more_body", False):
             return b"".join(body)
 
@@ -195,9 +221,14 @@ def _photo(raw: bytes) -> dict[str, Any]:
 
 
 def _json(body: bytes) -> Any:
-    from starlette.responses import Response
+    """A 200 JSON answer, as Starlette's Response would send it, without building one per write."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
-    return Response(body, media_type="application/json")
+    async def respond(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return respond
 
 
 __all__ = ["WriteFastPath"]
