@@ -636,6 +636,31 @@ def apply_params(index: faiss.Index, params: dict[str, Any]) -> None:
             _RERANK[index] = max(int(params.get("rerank", 0)), int(params["refine"]))
 
 
+def max_id(index: faiss.Index) -> int | None:
+    """The largest id `index` holds (-1: none), read from its IVF lists or id map; None for another layout."""
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        lists, top = ivf.invlists, -1
+        for number in range(ivf.nlist):
+            size = lists.list_size(number)
+            if size:
+                ids = lists.get_ids(number)
+                top = max(top, int(faiss.rev_swig_ptr(ids, size).max()))
+                lists.release_ids(number, ids)
+        return top
+    if hasattr(index, "id_map"):
+        ids = faiss.vector_to_array(index.id_map)
+        return int(ids.max()) if len(ids) else -1
+    return None
+
+
+def recorded_max_id(meta: dict[str, str], file_name: str) -> int | None:
+    """`max_id` of the FAISS file `file_name` as meta `faiss_max_id` records it ("NAME ID"), or None when meta
+    records it for another file (or not at all): then no id can be ruled out of the file."""
+    name, _, value = (meta.get("faiss_max_id") or "").partition(" ")
+    return int(value) if name == file_name and value.lstrip("-").isdigit() else None
+
+
 def save_atomic(index: faiss.Index, path: str | os.PathLike[str]) -> Path:
     """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder (an IVF-PQ index's
     refine code first, beside it: pq_refine.sidecar)."""

@@ -305,6 +305,7 @@ def write_faiss(
         info["retrained"] = True
     version = store.index_version() + 1
     name = f"faiss-{version}.index"
+    top = faiss_index.max_id(index)  # new photos' ids lie above it: searches need not exclude them from this file
     old = store.get_meta("faiss_file")
     try:
         faiss_index.save_atomic(index, store.dir / name)
@@ -315,7 +316,7 @@ def write_faiss(
         faiss_file=name, index_version=str(version), index_type=info["type"], index_kind=kind,
         recall_at_10=str(info["recall_at_10"]), index_params=json.dumps(info["params"]),
         faiss_data_version=str(data_version), index_count=str(info["n"]), faiss_seq=str(seq),
-        index_trained_n=str(info["trained_n"]),
+        index_trained_n=str(info["trained_n"]), faiss_max_id=f"{name} {top}" if top is not None else None,
     )  # fmt: skip
     probe = info.pop("recall_probe", None)  # internal (thousands of numbers): kept in meta for the next fold only
     if probe is not None or info["retrained"]:
@@ -767,8 +768,10 @@ def _switch(live: Store, staged: Store) -> None:
             os.replace(source, live.dir / name)  # before the commit; an orphan left by a crash is cleaned later
         except OSError as e:
             raise StorageError(f"Cannot move the new FAISS index into {str(live.dir)!r}: {e.strerror or e}.") from e
+    top = faiss_index.recorded_max_id(staged.meta(), source.name) if name is not None and source is not None else None
     old = live.get_meta("faiss_file")
-    live.replace_with(staged, faiss_file=name, index_version=str(version))
+    live.replace_with(staged, faiss_file=name, index_version=str(version),
+                      faiss_max_id=f"{name} {top}" if top is not None else None)  # fmt: skip
     if old and old != name:
         _remove_faiss_file(live.dir / old)
 

@@ -538,6 +538,18 @@ class _State:
     error: str | None = None  # why this index cannot be searched now (refresh met a model it cannot use)
     faiss_seq: int = 0  # the last store change the FAISS file covers
     segment: _Segment | None = None  # what changed since (attached by _load_state)
+    faiss_max_id: int | None = None  # the largest id the FAISS file holds (None: not recorded)
+
+    def file_tombs(self) -> np.ndarray:
+        """The segment's tombstones that can be in the FAISS file: a photo added since (a larger id) cannot, so
+        the file's search neither excludes it nor asks for extra hits to drop it. (Under a photo app's writes
+        every new photo was a tombstone: each search over-fetched up to TOMBSTONE_SELECTOR_MIN more hits, and
+        every 256 writes one search rebuilt the selector over all of them.)"""
+        assert self.segment is not None
+        tombs = self.segment.tombs
+        if self.faiss_max_id is None:
+            return tombs
+        return tombs[: int(np.searchsorted(tombs, self.faiss_max_id, side="right"))]
 
 
 def _check_dim(state: _State, towers: _Towers, where: str) -> None:
@@ -754,7 +766,7 @@ class Index:
             return _State(
                 index, int(meta.get("index_version", "0") or 0), int(index.ntotal), meta.get("index_type"),
                 meta.get("model") or None, int(meta["dim"]) if meta.get("dim") else None,
-                faiss_seq=faiss_seq, segment=segment,
+                faiss_seq=faiss_seq, segment=segment, faiss_max_id=faiss_index.recorded_max_id(meta, name),
             )  # fmt: skip
         raise StorageError(f"Index {str(store.dir)!r} keeps changing while being opened: try again.")
 
@@ -1063,11 +1075,11 @@ class Index:
         assert segment is not None
         flat = scoped.FlatVectors.of(state.faiss) if allowed is not None and len(allowed) <= scoped.EXACT_MAX else None
         if flat is not None:  # a small scope (one user's photos): exact over the IVF-Flat file's own vectors
-            pairs = scoped.top(flat, segment.tombs, query, want, allowed)
+            pairs = scoped.top(flat, state.file_tombs(), query, want, allowed)
             if len(segment.ids):
                 pairs += segment.search(query, want, allowed, exclude)
             return sorted(pairs, key=lambda p: (-p[1], p[0]))[:want]
-        pairs = self._search_main(state.faiss, segment.tombs, query, want, allowed, exclude,
+        pairs = self._search_main(state.faiss, state.file_tombs(), query, want, allowed, exclude,
                                   fetch=self.store.embeddings_or_nan, lineage=segment.rows)  # fmt: skip
         if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)
             pairs = sorted(pairs + segment.search(query, want, allowed, exclude), key=lambda p: (-p[1], p[0]))

@@ -224,6 +224,8 @@ def test_rebuild_keeps_the_index_model_and_drops_other_roots(
         assert store.model_name == str(tiny_model_path)
         assert list(store.roots().values()) == [str(a)]  # the rows of roots not passed to the rebuild are gone
         assert sorted(r.relpath for r in store.iter_images()) == sorted(p.name for p in a.iterdir())
+        meta = store.meta()  # the staged file's largest id, recorded under the name it went live with
+        assert meta["faiss_max_id"] == f"{meta['faiss_file']} {max(r.id for r in store.iter_images())}"
     assert len(snapshot(index, db=db)) == 3
 
 

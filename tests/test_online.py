@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +345,57 @@ def test_ann_main_index_never_returns_deleted_or_stale_ids(idx: Index) -> None:
     near = idx.similar(own, k=50)
     assert len(near) == 50 and own not in {h.id for h in near}
     assert not {h.id for h in near} & (removed_ids | {h.id for h in more})
+
+
+def test_new_photos_are_not_tombstones_of_the_faiss_file(idx: Index, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A photo added after the FAISS file was written has a larger id than any in it: the file's search neither
+    excludes it nor over-fetches for it (each search asked up to 256 extra hits under writes), while replaced
+    and deleted photos of the file stay excluded. The file's largest id is recorded with its name, so it is
+    carried by a rebuild's switch and never read for another file."""
+    from ruclip_search import faiss_index
+    from ruclip_search.indexer import reindex
+
+    dim = idx.model.dim
+    rng = np.random.default_rng(2)
+    idx.add_many({"key": f"v{i}", "embedding": v} for i, v in enumerate(rng.normal(size=(1500, dim))))
+    assert reindex(idx.store.dir, "ivf", db=idx.store.url)["type"] == "ivf"
+    assert idx.refresh() is True
+    top = max(int(i) for i in idx.store.all_embeddings()[0])
+    meta = idx.store.meta()
+    assert meta["faiss_max_id"] == f"{meta['faiss_file']} {top}" and idx._state.faiss_max_id == top
+    assert faiss_index.recorded_max_id(meta, "faiss-0.index") is None  # recorded for another file: unknown
+
+    asked = []
+    real = faiss_index.search
+    monkeypatch.setattr(faiss_index, "search", lambda ix, q, k, *a, **kw: asked.append(k) or real(ix, q, k, *a, **kw))
+    fresh = rng.normal(size=(300, dim))
+    idx.add_many({"key": f"new{i}", "embedding": v} for i, v in enumerate(fresh))
+    new_ids = {idx.get(f"new{i}").id for i in range(300)}
+    assert min(new_ids) > top and len(idx._state.segment.tombs) == 300 and len(idx._state.file_tombs()) == 0
+    q = fresh[0] + rng.normal(scale=0.5, size=dim)  # near a new photo
+
+    def same_as_with_every_tombstone(k: int) -> list[Hit]:
+        """The hits equal those of a search that excludes every new photo from the file too (as before)."""
+        hits = idx.search(q, k=k)
+        state = idx._state
+        idx._state = replace(state, faiss_max_id=None)
+        try:
+            assert [(h.id, h.score) for h in idx.search(q, k=k)] == [(h.id, h.score) for h in hits]
+        finally:
+            idx._state = state
+        return hits
+
+    asked.clear()
+    assert {h.id for h in idx.search(q, k=10)} & new_ids and asked == [10]  # no over-fetch for the new photos
+    same_as_with_every_tombstone(10)
+    old = [h for h in idx.search(q, k=40) if h.id <= top][:5]
+    idx.remove_many([h.key for h in old[:3]])
+    idx.add_many({"key": h.key, "embedding": -rng.normal(size=dim)} for h in old[3:])
+    assert set(idx._state.file_tombs().tolist()) == {h.id for h in old}
+    assert not {h.id for h in same_as_with_every_tombstone(40)} & {h.id for h in old[:3]}
+
+    idx.compact()  # the fold's file holds the new photos: its max id follows
+    assert idx._state.faiss_max_id == max(new_ids) and len(idx._state.file_tombs()) == 0
 
 
 def test_add_from_a_file_like_source(idx: Index, pictures: list[dict]) -> None:
