@@ -459,7 +459,8 @@ def watch(photos_dir: tuple[Path, ...], index: Path | None, model: str | None, d
     default=True,
     show_default=True,
     help="With --write-token: commit PUT (JSON embedding) and DELETE /photos in a helper process (CPU niceness "
-    "RUCLIP_SEARCH_WRITER_NICE, default 0), so that writes slow the searches less (it exits with the server).",
+    f"RUCLIP_SEARCH_WRITER_NICE, default {defaults.WRITER_NICE}), so that writes slow the searches less (it exits "
+    "with the server).",
 )
 @model_option
 @device_option

@@ -69,10 +69,13 @@ REFRESH_INTERVAL = 0.5
 #: Photos an `Index.add_many` commits per transaction.
 WRITE_BATCH = 64
 
-#: The CPU niceness of a server's writer process (`serve --writer-process`). 0: at 1M photos on 2 cores, nice 10
-#: starved the writes under flat-out searches (148-200 writes/s in 3 runs, against 207-253 at 0) and did not
-#: make the searches faster under paced writes (scripts/bench_online.py).
-WRITER_NICE = 0
+#: The CPU niceness of a server's writer process (`serve --writer-process`). 10: at 1M photos on 2 cores, with
+#: searches paced to half capacity and 200 writes/s, the search p50 rose +33, +23, +39 % at nice 10 against +53,
+#: +44, +53 % at nice 0 (alternate runs of scripts/bench_online.py, same code and index). A write costs the
+#: searches less by its CPU than by when it runs: a search waiting for its turn at the server's GIL also waits
+#: for a core. Flat out the writes still reached 313, 304, 304 writes/s at nice 10 (they starved at nice 10 when
+#: a write cost ~3 ms of CPU: 148-200 writes/s).
+WRITER_NICE = 10
 
 #: Group commit in a server's writer process: while writes keep coming (the previous group was committed less
 #: than WRITER_BUSY seconds ago), a write waits up to WRITER_COMMIT_DELAY seconds for others to share its
