@@ -1624,23 +1624,23 @@ class Store:
         """
         values = [w.values() for w in writes]  # validate all before writing any
         keys = list(dict.fromkeys(str(k) for k in delete))
+        roots: dict[int, str] = {}
         if self.lean_writes and self.dialect == "sqlite" and all(w.root_id is None for w in writes):
             ids, deleted, seqs, version = self._write_photos_sqlite(writes, values, keys)
-            records = [self._written(i, w, v, {}) for i, w, v in zip(ids, writes, values, strict=True)]
-            return PhotosWritten(records, deleted, seqs[0] if seqs else 0, seqs[-1] if seqs else 0, int(version or 0))
-        try:
-            with self.transaction() as conn:
-                ids = self._put(conn, writes, values)
-                deleted: dict[str, int] = {}
-                for chunk in _chunks(keys):
-                    deleted.update((k, int(i)) for k, i in conn.execute(_statements().ids_by_key, {"keys": chunk}))
-                for chunk in _chunks(list(deleted.values())):
-                    conn.execute(_statements().delete_images, {"ids": chunk})
-                seqs = self._log(conn, list(dict.fromkeys(ids)) + list(deleted.values()))
-                roots = self._read_roots(conn) if any(w.root_id is not None for w in writes) else {}
-                version = conn.execute(_statements().meta_value, {"b_key": "index_version"}).scalar()
-        except sa.exc.IntegrityError as e:
-            raise QueryError(f"Cannot store these photos ({e.orig}): two of them name the same file.") from e
+        else:
+            try:
+                with self.transaction() as conn:
+                    ids = self._put(conn, writes, values)
+                    deleted = {}
+                    for chunk in _chunks(keys):
+                        deleted.update((k, int(i)) for k, i in conn.execute(_statements().ids_by_key, {"keys": chunk}))
+                    for chunk in _chunks(list(deleted.values())):
+                        conn.execute(_statements().delete_images, {"ids": chunk})
+                    seqs = self._log(conn, list(dict.fromkeys(ids)) + list(deleted.values()))
+                    roots = self._read_roots(conn) if any(w.root_id is not None for w in writes) else {}
+                    version = conn.execute(_statements().meta_value, {"b_key": "index_version"}).scalar()
+            except sa.exc.IntegrityError as e:
+                raise QueryError(f"Cannot store these photos ({e.orig}): two of them name the same file.") from e
         records = [self._written(i, w, v, roots) for i, w, v in zip(ids, writes, values, strict=True)]
         return PhotosWritten(records, deleted, seqs[0] if seqs else 0, seqs[-1] if seqs else 0, int(version or 0))
 
@@ -1745,11 +1745,7 @@ class Store:
             for chunk in _chunks(replaced):
                 stmt = _sqlite_sql("delete_labels", in_list=("ids", len(chunk)))
                 run(stmt.sql, stmt.args(chunk))
-        labels = [
-            {"image_id": found[writes[i].key], "label": lb}
-            for i in inserts + updates
-            for lb in sorted(set(writes[i].labels))
-        ]
+        labels = Store._label_rows(writes, found, inserts + updates)
         if labels:
             insert_labels = _sqlite_sql("insert_labels", ("image_id", "label"))
             run(insert_labels.sql, [insert_labels.args(row) for row in labels], many=True)
@@ -1799,14 +1795,15 @@ class Store:
             replaced = [found[writes[i].key] for i in updates]
             for chunk in _chunks(replaced):
                 conn.execute(_statements().delete_labels, {"ids": chunk})
-        labels = [
-            {"image_id": found[writes[i].key], "label": lb}
-            for i in inserts + updates
-            for lb in sorted(set(writes[i].labels))
-        ]
+        labels = self._label_rows(writes, found, inserts + updates)
         if labels:
             conn.execute(_statements().insert_labels, labels)
         return [found[w.key] for w in writes]
+
+    @staticmethod
+    def _label_rows(writes: Sequence[PhotoWrite], found: dict[str, int], rows: list[int]) -> list[dict[str, Any]]:
+        """The labels rows of `writes[rows]` (their ids by key in `found`), for both write paths."""
+        return [{"image_id": found[writes[i].key], "label": lb} for i in rows for lb in sorted(set(writes[i].labels))]
 
     @staticmethod
     def touch(conn: sa.Connection, image_id: int, size: int, mtime_ns: int) -> None:
