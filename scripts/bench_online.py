@@ -17,7 +17,8 @@ HTTP: a real `python -m ruclip_search.cli serve --write-token T --no-access-log`
 same 2 cores (one keep-alive HTTP/1.1 connection each, by hand (`Client`), request bodies encoded before the clock starts; the table
 gives their CPU beside the server's): --readers searchers `GET /similar/{random id}?k=10` (threads of this
 process), --writers writers (threads of a process of their own) `PUT /photos/{new key}` with JSON embeddings (each PUT adds a photo with a vector of its own,
-never one sent before). Five phases, 1 s of settling before each:
+never one sent before). Each writer's connection carries only PUTs, as a photo app's upload workers would: the
+server hands it to the index's writer process on its first PUT (server/handoff.py). Five phases, 1 s of settling before each:
   FLAT OUT 1. searchers flat out, no writes (--read-seconds): their rate is the machine's search capacity;
            2. with writers flat out (--write-seconds): writes/s counts acknowledged (200) writes;
            3. with writers paced to --paced writes/s in all.

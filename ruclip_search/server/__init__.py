@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Any
 
 from ..defaults import HOST, PORT
 from .app import create_app
+from .handoff import handoff_protocol
 from .schemas import DeletedOut, ErrorOut, HealthOut, HitOut, IndexInfoOut, InfoOut, PhotoIn, SearchOut
 
 log = logging.getLogger("ruclip_search.server")
@@ -52,7 +54,18 @@ def serve(
         log.warning("serving on %s without a token: anyone who can reach this port can see your photos", host)
     app = create_app(index_dirs, token=token, cors_origins=cors_origins, model=model, device=device,
                      write_token=write_token, allow_roots=allow_roots, db=db, writer_process=writer_process)  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1, access_log=access_log)
+    for served in app.state.server.served.values():
+        if served.writer is not None:
+            served.writer.access_log = access_log
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1, access_log=access_log,
+                http=handoff_protocol(partial(_default_writer, app)))  # fmt: skip
+
+
+def _default_writer(app: Any) -> Any:
+    """The default index's writer process, if it runs one: connections writing to it go there (server/handoff)."""
+    state = app.state.server
+    served = state.served.get(state.default_name)
+    return served.writer if served is not None else None
 
 
 __all__ = [

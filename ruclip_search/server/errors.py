@@ -62,6 +62,11 @@ async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 async def _library(_request: Request, exc: RuclipSearchError) -> JSONResponse:
+    return library_response(exc)
+
+
+def library_response(exc: RuclipSearchError) -> JSONResponse:
+    """The answer to a library error: its status by kind, its message as the detail."""
     if isinstance(exc, QueryError):
         return error_response(400, "bad_query", str(exc))
     if isinstance(exc, IndexNotFoundError):

@@ -109,6 +109,7 @@ class ServerState:
         writes_here = self.write_token if not self.writer_process else None
         self.busy = threading.BoundedSemaphore(max(1, self.search_slots or default_search_slots(writes_here)))
         if self.writer_process and self.write_token is not None:
+            from .uploads import MULTIPART_SLACK
             from .writer import WriterProcess, writer_nice
 
             try:
@@ -118,7 +119,8 @@ class ServerState:
                 raise
             for s in self.served.values():
                 if s.owned:  # an Index handed in open belongs to the caller (and may be in memory only)
-                    s.writer = WriterProcess(s.index, nice)
+                    s.writer = WriterProcess(s.index, nice, token=self.write_token,
+                                             limit=self.max_upload_bytes + MULTIPART_SLACK, name=s.name)  # fmt: skip
 
     @property
     def default_name(self) -> str:
