@@ -23,7 +23,7 @@ server hands it to the index's writer process on its first PUT (server/handoff.p
            2. with writers flat out (--write-seconds): writes/s counts acknowledged (200) writes;
            3. with writers paced to --paced writes/s in all.
   PACED    4. searchers paced (open loop, Poisson arrivals, no catching up after a stall; paced writers too) to
-              --search-load (0.5) of the capacity
+              --search-load (0.5) of the capacity (or --search-rate searches/s, the same for runs compared)
               measured in 1, no writes: the machine about half busy, as a served index is between peaks;
            5. the same searchers with writers paced to --paced writes/s.
            4 and 5 alternate --rounds times (3), pooled: a drift of the machine during the run (the page cache,
@@ -322,10 +322,12 @@ class Client:
         self.sock, self.buf = None, b""
 
 
-def _cpu(pid: int) -> float:
+def _cpu(pid: int, children: bool = True) -> float:
     """User + system CPU seconds so far of a process and its running child processes (the server's writer)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if not children:
+        return total
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             children = (task / "children").read_text().split()
@@ -342,6 +344,7 @@ def _cpu(pid: int) -> float:
 def http_part(
     folder: Path, data: Data, n: int, read_s: float, write_s: float, readers: int, writers: int, paced: float,
     search_load: float, external: int | None = None, read_only: bool = False, rounds: int = 3,
+    search_rate: float | None = None,
 ) -> dict:  # fmt: skip
     """Serve the index and run five phases (see the module docstring): searchers flat out alone, with writers
     flat out, with writers paced to `paced`/s; then searchers paced to `search_load` of the flat-out search
@@ -417,7 +420,7 @@ def http_part(
         threads = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
         for t in threads:
             t.start()
-        cpu: dict[str, tuple[float, float, float]] = {}  # phase -> (seconds, server CPU s, client CPU s)
+        cpu: dict[str, tuple[float, ...]] = {}  # phase -> (seconds, server CPU s, client CPU s, server alone)
 
         ext_cpu: dict[str, float] = {}
 
@@ -433,6 +436,7 @@ def http_part(
             phase[0] = "settle"
             time.sleep(1.0)
             c0, m0, t0 = _cpu(server.pid), time.process_time(), time.perf_counter()
+            own0 = _cpu(server.pid, children=False)
             e0 = _cpu(ext.pid) if ext is not None else 0.0
             phase[0] = name
             tell(f"phase {name}")
@@ -443,14 +447,16 @@ def http_part(
             if ext is not None:
                 ext_cpu[name] = _cpu(ext.pid) - e0
                 clients += ext_cpu[name] if external is None else 0.0  # (the HTTP writers are clients)
-            cpu[name] = (time.perf_counter() - t0, _cpu(server.pid) - c0, clients)
+            cpu[name] = (time.perf_counter() - t0, _cpu(server.pid) - c0, clients,
+                         _cpu(server.pid, children=False) - own0)  # fmt: skip
 
         run_phase("flat_alone", read_s, 0.0, None)
         max_qps = len(lat["flat_alone"]) / cpu["flat_alone"][0]
         nw = writers
         run_phase("flat_writes", write_s, 0.0, 0.0)
         run_phase("flat_paced", write_s, 0.0, nw / paced)
-        pace = readers / (search_load * max_qps)
+        search_qps = search_rate if search_rate else search_load * max_qps
+        pace = readers / search_qps
         for r in range(rounds):  # alternately, so that a drift of the machine weighs on both alike
             run_phase(f"paced_alone#{r}", read_s, pace, None)
             run_phase(f"paced_writes#{r}", write_s, pace, nw / paced)
@@ -476,15 +482,18 @@ def http_part(
         log.close()
     ratios = [float(np.median(lat.get(f"paced_writes#{r}", [np.nan])) / np.median(lat.get(f"paced_alone#{r}", [np.nan])))
               for r in range(rounds)]  # fmt: skip
+    round_p50 = [(1000 * float(np.median(lat.get(f"paced_alone#{r}", [np.nan]))),
+                  1000 * float(np.median(lat.get(f"paced_writes#{r}", [np.nan])))) for r in range(rounds)]  # fmt: skip
     for kind in ("paced_alone", "paced_writes"):  # the rounds pooled
         names = [f"{kind}#{r}" for r in range(rounds)]
         lat[kind] = [x for n in names for x in lat.pop(n, [])]
         put_lat[kind] = [x for n in names for x in put_lat.pop(n, [])]
         parts = [cpu.pop(n) for n in names]
-        cpu[kind] = (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
+        cpu[kind] = tuple(sum(p[i] for p in parts) for i in range(4))
     reused = sum(max(0, n - per) for n in written)
-    return {"lat": lat, "put": put_lat, "cpu": cpu, "max_qps": max_qps, "search_qps": search_load * max_qps,
+    return {"lat": lat, "put": put_lat, "cpu": cpu, "max_qps": max_qps, "search_qps": search_qps,
             "errors": errors, "server_rss": rss, "ratios": ratios, "reused": reused,
+            "round_p50": round_p50,
             "keys": [f"w{run}-{w}-{i}" for w, count in enumerate(written) for i in range(count)]}  # fmt: skip
 
 
@@ -608,6 +617,12 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--paced", type=float, default=200.0, help="total writes/s of the paced phases (the target)")
     ap.add_argument("--rounds", type=int, default=3, help="paced phases 4 and 5 alternate this many times")
+    ap.add_argument(
+        "--search-rate",
+        type=float,
+        default=None,
+        help="paced searches/s in all (instead of --search-load): the same load for runs compared",
+    )
     ap.add_argument("--search-load", type=float, default=0.5,
                     help="paced searchers send this fraction of the flat-out search rate (0.5: the machine about "
                     "half busy without writes)")  # fmt: skip
@@ -643,9 +658,12 @@ def main() -> None:
     t = time.perf_counter()
     # the HTTP part first: the in-process part's cold scoped searches drop the index files from the page cache
     web = http_part(folder, data, args.n, args.read_seconds, args.write_seconds, args.readers, args.writers, args.paced,
-                    args.search_load, args.external_writer, args.server_read_only, args.rounds)  # fmt: skip
+                    args.search_load, args.external_writer, args.server_read_only, args.rounds,
+                    args.search_rate)  # fmt: skip
     print(f"HTTP part {time.perf_counter() - t:.0f} s, {len(web['errors'])} errors {sorted(set(web['errors']))}; "
           f"{web['reused']} PUTs reused a vector", flush=True)  # fmt: skip
+    print("paced search p50 per round, no writes -> writes (ms):",
+          ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in web["round_p50"]), flush=True)  # fmt: skip
     forget(folder, web["keys"])
     t = time.perf_counter()
     nothing = {"same": [], "cross": [], "scoped": [], "scoped_cold": [], "scoped_sizes": [0]}
@@ -674,8 +692,9 @@ def main() -> None:
         acked = len(put.get(name, []))
         if not acked:
             return "-"
-        extra = [cpu[name][i] / cpu[name][0] - cpu[base][i] / cpu[base][0] for i in (1, 2)]
-        return f"{1000 * extra[0] / rate(name):.2f} / {1000 * extra[1] / rate(name):.2f} ms"
+        extra = [cpu[name][i] / cpu[name][0] - cpu[base][i] / cpu[base][0] for i in (1, 2, 3)]
+        return (f"{1000 * extra[0] / rate(name):.2f} (its own process {1000 * extra[2] / rate(name):.2f}) / "
+                f"{1000 * extra[1] / rate(name):.2f} ms")  # fmt: skip
 
     def busy(name: str) -> str:
         return f"server {cpu[name][1] / cpu[name][0]:.2f} + clients {cpu[name][2] / cpu[name][0]:.2f} cores"
