@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -405,8 +406,7 @@ class _Conn:
 
 _MAX_HEAD = 16 * 1024
 _IDLE = 5.0  # seconds an idle connection is kept open: uvicorn's default keep-alive timeout
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error",
-            503: b"Service Unavailable"}  # fmt: skip
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 class _Events:
@@ -622,10 +622,10 @@ class _Events:
         else:
             status, body = _error(kind, value, conn.key, self.name)
         head = b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
-            status, _REASONS.get(status, b""), _date(), len(body))  # fmt: skip
+            status, _REASONS.get(status, "").encode("ascii"), _date(), len(body))  # fmt: skip
         if _access.isEnabledFor(logging.INFO):
-            _access.info('%s - "%s /photos/%s HTTP/1.1" %d', _peer(conn.sock), conn.method,
-                         quote(conn.key, safe=""), status)  # fmt: skip
+            _access.info('%s - "%s /photos/%s HTTP/1.1" %d %s', _peer(conn.sock), conn.method,
+                         quote(conn.key, safe=""), status, _REASONS.get(status, ""))  # fmt: skip
         conn.out = head + (b"connection: close\r\n\r\n" if conn.close_after else b"\r\n") + body
         conn.busy = False
         self._flush(conn, items)
