@@ -21,7 +21,7 @@ import hmac
 from typing import Any
 
 from ..errors import ImageError, QueryError, RuclipSearchError
-from .errors import ApiError, _library, error_response
+from .errors import ApiError, error_response, library_response
 from .writes import _names, checked_key
 
 try:  # parses a 768-float body in ~1/5 of json's time
@@ -100,17 +100,14 @@ class WriteFastPath:
         if method == "DELETE":
             if await s.writes.remove(key):
                 return _json(b'{"deleted":true}')
-            return error_response(404, "photo_not_found", f"No photo with key {key[:200]!r} in index {s.name!r}.")
+            return not_found(key, s.name)
         if _content_type(scope) != "application/json":
             raise _Declined
         args = _photo(await _read(receive, body, self.limit))
         try:
             hit = await s.writes.put({"key": key, "image": None, **args})
-        except QueryError as e:  # the route's own answer (nothing was written)
-            code = "bad_image" if isinstance(e.__cause__, ImageError) else "bad_photo"
-            return error_response(400, code, str(e))
-        except RuclipSearchError as e:  # e.g. the database is gone: the app's own handler's answer
-            return await _library(None, e)
+        except RuclipSearchError as e:  # nothing was written: the route's, or the app's own handler's, answer
+            return write_failed(e)
         from .results import record_json
 
         return _json(record_json(hit, s.url_suffix))
@@ -135,13 +132,23 @@ class WriteFastPath:
         if kind == "deleted":
             if value:
                 return _json(b'{"deleted":true}')
-            return error_response(404, "photo_not_found", f"No photo with key {key[:200]!r} in index {s.name!r}.")
+            return not_found(key, s.name)
         if kind == "error":
-            if isinstance(value, QueryError):
-                code = "bad_image" if isinstance(value.__cause__, ImageError) else "bad_photo"
-                return error_response(400, code, str(value))
-            return await _library(None, value)
+            return write_failed(value)
         return _json(value)  # the record's JSON, made by the writer process
+
+
+def not_found(key: str, index: str) -> Any:
+    """The 404 of a DELETE whose key is absent (the route's answer)."""
+    return error_response(404, "photo_not_found", f"No photo with key {key[:200]!r} in index {index!r}.")
+
+
+def write_failed(e: BaseException) -> Any:
+    """The answer to a write that was not made: the route's 400 for a bad photo, else the app's handler's."""
+    if isinstance(e, QueryError):
+        code = "bad_image" if isinstance(e.__cause__, ImageError) else "bad_photo"
+        return error_response(400, code, str(e))
+    return library_response(e if isinstance(e, RuclipSearchError) else RuclipSearchError(str(e)))
 
 
 def _authorised(scope: dict, token: str | None) -> bool:

@@ -49,10 +49,12 @@ from urllib.parse import quote, unquote
 
 from .. import defaults
 from ..defaults import WRITE_BATCH, WRITER_NICE
-from ..errors import ImageError, QueryError, RuclipSearchError
+from ..errors import RuclipSearchError
 from .errors import ApiError
+from .fastpath import _Declined, _photo, not_found, write_failed
 from .handoff import HANDOFF_MAX
 from .results import record_json
+from .writes import checked_key
 
 log = logging.getLogger("ruclip_search.server")
 _access = logging.getLogger("ruclip_search.server.writer.access")  # on with the server's access log
@@ -351,8 +353,6 @@ class _DimOnly:
 
 def _commit(index: Any, batch: list[tuple[int, str, str, bytes]]) -> tuple[list[Any], list[tuple[int, Any]]]:
     """Parse and commit one batch of requests; (commits made, (rid, answer) per request)."""
-    from .fastpath import _Declined, _photo
-
     answers: dict[int, tuple[str, Any]] = {}
     requests: list[tuple[int, str, tuple[list[dict[str, Any]], list[str]]]] = []
     for rid, op, key, body in batch:
@@ -551,9 +551,6 @@ class _Events:
             items.append(item)
 
     def _request(self, conn: _Conn) -> tuple[Any, ...] | None:
-        from .fastpath import _Declined, _photo
-        from .writes import checked_key
-
         buf = conn.buf
         end = buf.find(b"\r\n\r\n", 0, _MAX_HEAD)
         if end < 0:
@@ -690,14 +687,7 @@ class _Back(Exception):
 
 def _error(kind: str, value: Any, key: str, name: str) -> tuple[int, bytes]:
     """The status and JSON body the server's fast path answers for a write that was not made."""
-    from .errors import library_response
-
-    if kind == "deleted":
-        return 404, _body("photo_not_found", f"No photo with key {key[:200]!r} in index {name!r}.")
-    if isinstance(value, QueryError):
-        code = "bad_image" if isinstance(value.__cause__, ImageError) else "bad_photo"
-        return 400, _body(code, str(value))
-    response = library_response(value if isinstance(value, RuclipSearchError) else RuclipSearchError(str(value)))
+    response = not_found(key, name) if kind == "deleted" else write_failed(value)
     return response.status_code, bytes(response.body)
 
 
@@ -720,12 +710,6 @@ def _peer(sock: socket.socket) -> str:
         return f"{host}:{port}"
     except (OSError, ValueError):
         return "-"
-
-
-def _body(code: str, detail: str) -> bytes:
-    import json
-
-    return json.dumps({"detail": detail, "code": code}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def main(argv: list[str]) -> None:
@@ -754,7 +738,6 @@ def main(argv: list[str]) -> None:
     os.dup2(2, 1)
     events = _Events(sys.stdin.fileno(), ctl, ack, token, limit, name)
     from ..search import Index
-    from .fastpath import _photo  # noqa: F401 - imported before "ready": the first write does not wait for it
 
     index = Index.open(folder, writable=True, model=_DimOnly(dim, model), db=db)
     index.searchable = False  # the server's Index makes the writes searchable (and compacts)
