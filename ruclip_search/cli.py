@@ -458,9 +458,10 @@ def watch(photos_dir: tuple[Path, ...], index: Path | None, model: str | None, d
     "--writer-process/--no-writer-process",
     default=True,
     show_default=True,
-    help="With --write-token: commit PUT (JSON embedding) and DELETE /photos in a helper process (CPU niceness "
-    f"RUCLIP_SEARCH_WRITER_NICE, default {defaults.WRITER_NICE}), so that writes slow the searches less (it exits "
-    "with the server).",
+    help="With --write-token: commit PUT (JSON embedding) and DELETE /photos in a helper process (CPU priority "
+    f"RUCLIP_SEARCH_WRITER_NICE: a niceness or `idle`, default {defaults.WRITER_PRIORITY}: Linux's SCHED_IDLE, lifted "
+    f"to niceness {defaults.WRITER_NICE} while it starves), so that writes slow the searches less (it exits with "
+    "the server).",
 )
 @model_option
 @device_option

@@ -69,13 +69,27 @@ REFRESH_INTERVAL = 0.5
 #: Photos an `Index.add_many` commits per transaction.
 WRITE_BATCH = 64
 
-#: The CPU niceness of a server's writer process (`serve --writer-process`). 10: at 1M photos on 2 cores, with
-#: searches paced to half capacity and 200 writes/s, the search p50 rose +33, +23, +39 % at nice 10 against +53,
-#: +44, +53 % at nice 0 (alternate runs of scripts/bench_online.py, same code and index). A write costs the
-#: searches less by its CPU than by when it runs: a search waiting for its turn at the server's GIL also waits
-#: for a core. Flat out the writes still reached 313, 304, 304 writes/s at nice 10 (they starved at nice 10 when
-#: a write cost ~3 ms of CPU: 148-200 writes/s).
+#: The CPU niceness of a server's writer process (`serve --writer-process`) where it does not run under SCHED_IDLE
+#: (below), and while it is lifted out of it. 10: at 1M photos on 2 cores, with searches paced to half capacity
+#: and 200 writes/s, the search p50 rose +33, +23, +39 % at nice 10 against +53, +44, +53 % at nice 0 (alternate
+#: runs of scripts/bench_online.py, same code and index). A write costs the searches less by its CPU than by when
+#: it runs: a search waiting for its turn at the server's GIL also waits for a core. Flat out the writes still
+#: reached 313, 304, 304 writes/s at nice 10 (they starved at nice 10 when a write cost ~3 ms of CPU: 148-200
+#: writes/s).
 WRITER_NICE = 10
+
+#: The writer process's CPU priority: "idle" (Linux's SCHED_IDLE, with WRITER_NICE beneath it) or a niceness;
+#: RUCLIP_SEARCH_WRITER_NICE overrides it. "idle" becomes WRITER_NICE where the server could not lift the child
+#: out of SCHED_IDLE (no CAP_SYS_NICE nor RLIMIT_NICE for it). Figures: WRITER_IDLE_FIGURES
+WRITER_PRIORITY = "idle"
+
+#: The guard of a SCHED_IDLE writer (server/priority.py): every WRITER_STARVE_WINDOW seconds it reads the child's
+#: run-queue delay; a child that waited for a core more than WRITER_STARVED of the window runs at WRITER_NICE
+#: for WRITER_LIFT seconds. SCHED_IDLE gets ~0.3 % of a busy core (weight 3 against 1024): unguarded, a
+#: saturated machine would stall the writes for as long as it stays saturated.
+WRITER_STARVE_WINDOW = 0.05
+WRITER_STARVED = 0.5
+WRITER_LIFT = 5.0
 
 #: Group commit in a server's writer process: while writes keep coming (the previous group was committed less
 #: than WRITER_BUSY seconds ago), a write waits up to WRITER_COMMIT_DELAY seconds for others to share its

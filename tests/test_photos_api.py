@@ -845,8 +845,6 @@ def test_a_bad_writer_niceness_is_a_clear_error(tmp_path, tiny_model_path, monke
     assert len(closed) == 1
     monkeypatch.setenv("RUCLIP_SEARCH_WRITER_NICE", "7")
     assert WriterProcess(None)._nice == 7
-    monkeypatch.delenv("RUCLIP_SEARCH_WRITER_NICE")
-    assert WriterProcess(None)._nice == 10  # defaults.WRITER_NICE
 
 
 def test_a_dead_writer_process_fails_its_pending_writes_with_503_and_is_replaced(writer_env):

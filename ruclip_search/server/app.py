@@ -69,7 +69,7 @@ def create_app(
     every write answers 403 `writes_disabled`); `allow_roots` are the folders whose files a PUT may name by
     path (symlinks resolved; none: only uploads and embeddings). `db`: PostgreSQL URL(s) of the indexes whose
     metadata lives there (one per folder, or one for the only folder). `writer_process`: with a write token,
-    commit PUT (JSON embedding) and DELETE /photos in a writer process per index (niceness WRITER_NICE), so
+    commit PUT (JSON embedding) and DELETE /photos in a writer process per index (priority WRITER_PRIORITY), so
     that writes take no CPU time from this process's searches (server/writer.py).
     """
     roots = tuple(Path(os.path.realpath(r)) for r in allow_roots)

@@ -110,10 +110,10 @@ class ServerState:
         self.busy = threading.BoundedSemaphore(max(1, self.search_slots or default_search_slots(writes_here)))
         if self.writer_process and self.write_token is not None:
             from .uploads import MULTIPART_SLACK
-            from .writer import WriterProcess, writer_nice
+            from .writer import WriterProcess, writer_priority
 
             try:
-                nice = writer_nice()
+                nice = writer_priority()
             except BaseException:
                 self.close()  # the indexes this app opened
                 raise

@@ -50,6 +50,7 @@ from urllib.parse import quote, unquote
 from .. import defaults
 from ..defaults import WRITE_BATCH, WRITER_NICE
 from ..errors import RuclipSearchError
+from . import priority
 from .errors import ApiError
 from .fastpath import _Declined, _photo, not_found, write_failed
 from .handoff import HANDOFF_MAX
@@ -81,16 +82,17 @@ def _recv(stream: Any) -> Any:
     return pickle.loads(data)
 
 
-def writer_nice() -> int:
-    """The writer's CPU niceness: RUCLIP_SEARCH_WRITER_NICE, else defaults.WRITER_NICE."""
-    raw = os.environ.get(NICE_ENV)
-    if raw is None:
-        return WRITER_NICE
+def writer_priority() -> int | str:
+    """The writer's CPU priority: RUCLIP_SEARCH_WRITER_NICE (a niceness, or `idle`), else defaults.WRITER_PRIORITY;
+    `idle` (SCHED_IDLE, see server/priority.py) becomes niceness defaults.WRITER_NICE where it could starve."""
+    raw = os.environ.get(NICE_ENV, str(defaults.WRITER_PRIORITY))
+    if raw.strip() == priority.IDLE:
+        return priority.IDLE if priority.idle_possible(WRITER_NICE) else WRITER_NICE
     try:
         return int(raw)
     except ValueError:
         raise RuclipSearchError(
-            f"{NICE_ENV} must be a whole number (a CPU niceness, 0-19), got {raw!r}: fix or unset it."
+            f"{NICE_ENV} must be a whole number (a CPU niceness, 0-19) or `idle`, got {raw!r}: fix or unset it."
         ) from None
 
 
@@ -103,13 +105,14 @@ class WriterProcess:
     `index` (the server's own) has applied it. Results: ("ok", the 200 body: JSON bytes of the record), ("deleted",
     bool), ("declined", None), ("error", exception)."""
 
-    def __init__(self, index: Any, nice: int | None = None, token: str | None = None, limit: int = 0,
+    def __init__(self, index: Any, nice: int | str | None = None, token: str | None = None, limit: int = 0,
                  name: str = "") -> None:  # fmt: skip
         # `token`, `limit`, `name`: the write token, the upload limit (bytes) and the index's name in the server,
         # for the connections handed to the child
         self._index = index
         self._name = name
-        self._nice = writer_nice() if nice is None else nice
+        self._nice = writer_priority() if nice is None else nice  # a niceness, or priority.IDLE
+        self._guard: priority.Guard | None = None
         self._token, self._limit = token, limit
         self._proc: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None  # connections to the child and back (server/handoff.py)
@@ -240,6 +243,9 @@ class WriterProcess:
         loop.add_reader(ctl.fileno(), self._given_back, ctl, loop)
         self._proc, self._stdin, self._loop, self._ctl = proc, transport, loop, ctl  # type: ignore[assignment]
         self.started += 1
+        if self._nice == priority.IDLE:
+            self._stop_guard()
+            self._guard = priority.Guard(proc.pid)
 
     def _replies(self, proc: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop,
                  ready: asyncio.Future[None], ack: int) -> None:  # fmt: skip
@@ -286,9 +292,15 @@ class WriterProcess:
             self._stdin.close()
             self._stdin = None  # the next write starts a new child
             self._close_ctl()
+            self._stop_guard()
         for future in lost:
             if not future.done():
                 future.set_exception(WriterFailed("The writer process died before answering."))
+
+    def _stop_guard(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.stop()
 
     def _close_ctl(self) -> None:
         ctl, self._ctl = self._ctl, None
@@ -307,6 +319,7 @@ class WriterProcess:
         if proc is None:
             return
         self._close_ctl()
+        self._stop_guard()
         if transport is not None and loop is not None and loop.is_running():
             try:
                 if asyncio.get_running_loop() is loop:
@@ -718,7 +731,7 @@ def main(argv: list[str]) -> None:
     and from the connections handed over CTL (a Unix socket's descriptor; ACK: the pipe of the server's
     acknowledgements; LIMIT: the upload limit in bytes; NAME: the index's name in the server; LOG: 1 to log each answer), answer on stdout. DELAY, BUSY: seconds, see
     defaults.WRITER_COMMIT_DELAY."""
-    folder, dim, model, nice = argv[0], int(argv[1]), argv[2], int(argv[3])
+    folder, dim, model, (nice, idle) = argv[0], int(argv[1]), argv[2], priority.spec(argv[3])
     delay, busy = float(argv[4]), float(argv[5])
     ctl = socket.socket(fileno=int(argv[6])) if len(argv) > 6 else None
     ack = int(argv[7]) if len(argv) > 7 else None
@@ -741,8 +754,7 @@ def main(argv: list[str]) -> None:
 
     index = Index.open(folder, writable=True, model=_DimOnly(dim, model), db=db)
     index.searchable = False  # the server's Index makes the writes searchable (and compacts)
-    if nice:
-        os.nice(nice)
+    priority.enter(nice, idle)
     _send(out, "ready")
     pending: list[Any] = []
     last = float("-inf")  # when the last group was committed
