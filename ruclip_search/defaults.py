@@ -80,7 +80,11 @@ WRITER_NICE = 10
 
 #: The writer process's CPU priority: "idle" (Linux's SCHED_IDLE, with WRITER_NICE beneath it) or a niceness;
 #: RUCLIP_SEARCH_WRITER_NICE overrides it. "idle" becomes WRITER_NICE where the server could not lift the child
-#: out of SCHED_IDLE (no CAP_SYS_NICE nor RLIMIT_NICE for it). Figures: WRITER_IDLE_FIGURES
+#: out of SCHED_IDLE (no CAP_SYS_NICE nor RLIMIT_NICE for it). At 1M photos on 2 cores, searches paced to
+#: 130/s, 200 writes/s, six pairs of runs alternating on one index (bench_online.py --search-rate 130, 6-8
+#: rounds): search p50 rise +21, +8, +28, +30, +26, +22 % under SCHED_IDLE against +32, +22, +28, +37, +22,
+#: +34 % at nice 10 (medians +24 / +30 %). Flat out the writes kept 237-324 writes/s (nice 10: 274-347), and
+#: 310 beside 8 searchers flat out (the guard lifted the writer then).
 WRITER_PRIORITY = "idle"
 
 #: The guard of a SCHED_IDLE writer (server/priority.py): every WRITER_STARVE_WINDOW seconds it reads the child's
