@@ -2,7 +2,7 @@
 
 Why SCHED_IDLE: a write's CPU costs the searches less by its amount than by when it runs. A search thread that
 wakes while the writer holds a core waits, at nice 10, for the writer's time slice to end; a SCHED_IDLE writer
-is preempted at once (see defaults.WRITER_NICE for the figures).
+is preempted at once (figures: defaults.WRITER_PRIORITY).
 
 The risk it brings: SCHED_IDLE gets almost no CPU (weight 3 against 1024) while other work keeps every core
 busy, so a write could wait as long as the machine stays saturated. So the server runs a guard thread beside

@@ -245,7 +245,10 @@ class WriterProcess:
         self.started += 1
         if self._nice == priority.IDLE:
             self._stop_guard()
-            self._guard = priority.Guard(proc.pid)
+            try:
+                self._guard = priority.Guard(proc.pid)
+            except ProcessLookupError:  # it died already: the next write starts another
+                pass
 
     def _replies(self, proc: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop,
                  ready: asyncio.Future[None], ack: int) -> None:  # fmt: skip
@@ -726,11 +729,11 @@ def _peer(sock: socket.socket) -> str:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m ruclip_search.server.writer DIR DIM MODEL NICE DELAY BUSY [CTL ACK LIMIT NAME LOG]` (a PostgreSQL URL in
+    """`python -m ruclip_search.server.writer DIR DIM MODEL PRIORITY DELAY BUSY [CTL ACK LIMIT NAME LOG]` (a PostgreSQL URL in
     RUCLIP_SEARCH_WRITER_DB, the write token in RUCLIP_SEARCH_WRITER_TOKEN): commit the writes read from stdin
     and from the connections handed over CTL (a Unix socket's descriptor; ACK: the pipe of the server's
-    acknowledgements; LIMIT: the upload limit in bytes; NAME: the index's name in the server; LOG: 1 to log each answer), answer on stdout. DELAY, BUSY: seconds, see
-    defaults.WRITER_COMMIT_DELAY."""
+    acknowledgements; LIMIT: the upload limit in bytes; NAME: the index's name in the server; LOG: 1 to log each answer), answer on stdout. PRIORITY: a
+    niceness or `idle` (server/priority.py). DELAY, BUSY: seconds, see defaults.WRITER_COMMIT_DELAY."""
     folder, dim, model, (nice, idle) = argv[0], int(argv[1]), argv[2], priority.spec(argv[3])
     delay, busy = float(argv[4]), float(argv[5])
     ctl = socket.socket(fileno=int(argv[6])) if len(argv) > 6 else None
