@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from . import _procs, defaults, media
+from . import _procs, _signals, defaults, media
 from .errors import ImageError, RuclipSearchError
 
 CHUNK = 8  # files per worker task: small enough to balance load and to isolate a crashing file cheaply
@@ -216,15 +216,16 @@ class _Decoder:
     def prestart(self) -> None:
         """Start the worker processes now (they need no model), so they boot while the model loads."""
         if self.workers > 0 and self.pool is None:
-            self.pool = self._new_pool()
-            self._probe = self.pool.submit(_noop)
+            with _signals.held():
+                self.pool = self._new_pool()
+                self._probe = self.pool.submit(_noop)
 
     def _check_started(self) -> None:
         """A pool whose workers cannot run a no-op cannot start: fatal, not a bad file."""
         if self._probe is None:
             return
         try:
-            self._probe.result()
+            _signals.wait(self._probe)
         except BrokenProcessPool as e:
             self.close()
             raise RuclipSearchError(MAIN_GUARD_HINT + " (or worker processes cannot start on this machine)") from e
@@ -239,9 +240,10 @@ class _Decoder:
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
 
     def _restart(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = self._new_pool()
+        with _signals.held():
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
 
     def close(self) -> None:
         """Cancel queued chunks, let running ones finish, and wait for the workers to exit.
@@ -251,12 +253,13 @@ class _Decoder:
         it for ever (seen in test_cli_build_stops_cleanly).
         """
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            with _signals.held():  # a second Ctrl-C comes after the clean-up, not inside the pool's locks
+                self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
     def _submit(self, paths: list[str]) -> Future:
         assert self.pool is not None
-        return self.pool.submit(_load_chunk, self.loader, self.pre, self.max_pixels, paths)
+        return _signals.call(self.pool.submit, _load_chunk, self.loader, self.pre, self.max_pixels, paths)
 
     def run(self, jobs: Sequence[J]) -> Iterable[tuple[J, Loaded]]:
         """Yield (job, Loaded) in job order; at most self.depth chunks in flight."""
@@ -277,7 +280,7 @@ class _Decoder:
                 nxt += 1
             chunk, fut = pending.popleft()
             try:
-                results = fut.result()
+                results = _signals.wait(fut)
             except BrokenProcessPool:
                 suspects = [chunk] + [c for c, _ in pending]
                 pending.clear()
@@ -291,7 +294,7 @@ class _Decoder:
         """Decode one file at a time so a worker death is pinned on the file that caused it."""
         for job in chunk:
             try:
-                result = self._submit([job.path]).result()[0]
+                result = _signals.wait(self._submit([job.path]))[0]
             except BrokenProcessPool:
                 self._restart()
                 result = _failed(WORKER_DIED)

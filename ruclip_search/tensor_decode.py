@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 
-from . import media
+from . import _signals, media
 from .decode import image_info
 from .loader import Loaded, _meta, file_hash
 from .preprocess import Preprocessor, _unorient_box, centre_crop
@@ -233,7 +233,7 @@ class TensorDecoder:
         producer.start()
         fallback: list[J] = []
         try:
-            while (item := ready.get()) is not _DONE:
+            while (item := _signals.get(ready)) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 done, refused = item
@@ -245,7 +245,7 @@ class TensorDecoder:
         finally:
             stop.set()
             while producer.is_alive():  # unblock a producer waiting for room, until it sees `stop`
-                with contextlib.suppress(queue.Empty):
+                with contextlib.suppress(queue.Empty), _signals.held():
                     ready.get(timeout=0.1)
             producer.join()
         if fallback:
