@@ -655,11 +655,13 @@ def test_a_large_recent_segment_is_searched_in_the_lists_the_query_probes(
                 assert h.score == pytest.approx(float(idx.store.get_embeddings([h.id])[0] @ q), abs=1e-3)
 
 
-def test_whether_videos_are_stored_is_asked_again_only_when_the_index_changed(
-    idx: Index, monkeypatch: pytest.MonkeyPatch
+def test_whether_videos_are_stored_is_asked_again_only_when_the_index_may_have_changed_it(
+    idx: Index, models: ModelCache, db: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every search needs to know whether to collapse video frames; the database is asked once per state of the
-    index (FAISS file and changes caught up), not per search, and again after any write."""
+    index that may have changed the answer (a FAISS file, changes read back from the change log), not per
+    search, and not after the app's own keyed writes (photos, never videos: under 200 writes/s nearly every
+    search asked, ~1 ms at 1M photos)."""
     rng = np.random.default_rng(4)
     idx.add_many({"key": f"v{i}", "embedding": rng.normal(size=idx.model.dim)} for i in range(20))
     asked = []
@@ -671,10 +673,13 @@ def test_whether_videos_are_stored_is_asked_again_only_when_the_index_changed(
     idx.similar(idx.get("v0").id, k=5)
     assert len(asked) == 1
     idx.add("v20", embedding=rng.normal(size=idx.model.dim))
-    idx.search(q, k=5)
-    assert len(asked) == 2
+    assert "v20" in {h.key for h in idx.search(q, k=25)}
     idx.remove("v3")
-    assert "v3" not in {h.key for h in idx.search(q, k=25)} and len(asked) == 3
+    assert "v3" not in {h.key for h in idx.search(q, k=25)} and len(asked) == 1
+    with Index.open(idx.store.dir, writable=True, device="cpu", models=models, db=db) as other:
+        other.add("w0", embedding=rng.normal(size=idx.model.dim))  # another writer: read back from the log
+    idx._catch_up(wait=True)
+    assert "w0" in {h.key for h in idx.search(q, k=25)} and len(asked) == 2
     with pytest.raises(QueryError, match="No image with id"):
         idx.similar(10**9)
 
