@@ -718,13 +718,16 @@ def search(
     id_selector: Any = None,
     *,
     fetch: Callable[[np.ndarray], np.ndarray] | None = None,
+    coarse: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores float32 (Q,k), ids int64 (Q,k), -1 where fewer hits) for L2-normalised queries.
 
     `id_selector` limits hits to some ids: a faiss.IDSelector or an array of allowed ids. `fetch` (ids ->
     stored float32 vectors, NaN rows for unknown ids) re-ranks an IVF-PQ index's top `rerank` candidates by
     their exact scores. An IVF search that finds fewer than k hits in its nprobe lists probes more lists
-    (up to all) for those queries, so a page is full whenever k vectors pass the filter.
+    (up to all) for those queries, so a page is full whenever k vectors pass the filter. `coarse`: the
+    queries' nearest lists as `nearest_lists_scored` gave them, when the caller needed them too (the recent
+    segment probes the same lists): the quantizer is not searched twice.
     """
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, min(int(k), max(index.ntotal, 1)))
@@ -741,7 +744,7 @@ def search(
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            scores, ids = _search(index, queries, depth, id_selector, k)
+            scores, ids = _search(index, queries, depth, id_selector, k, coarse)
         finally:
             faiss.omp_set_num_threads(threads)
     if refiner is not None:
@@ -774,8 +777,8 @@ def _search_plain(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.n
     return _search(index, queries, k, None, 1)
 
 
-def _search(index: faiss.Index, queries: np.ndarray, depth: int, id_selector: Any,
-            k: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _search(index: faiss.Index, queries: np.ndarray, depth: int, id_selector: Any, k: int,
+            coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     keep, nprobe = None, None
     ivf = _ivf_of(index)
     if id_selector is not None and not isinstance(id_selector, faiss.IDSelector):
@@ -789,7 +792,7 @@ def _search(index: faiss.Index, queries: np.ndarray, depth: int, id_selector: An
     if ivf is None:
         return index.search(queries, depth, params=_search_params(index, id_selector, nprobe))
     nprobe = int(nprobe or ivf.nprobe)
-    scores, ids = _ivf_search(index, queries, depth, id_selector, nprobe)
+    scores, ids = _ivf_search(index, queries, depth, id_selector, nprobe, coarse)
     # lists too short or filtered out: probe 4x more lists for the queries that came up short
     short = np.flatnonzero((ids[:, :k] < 0).any(axis=1))
     while len(short) and nprobe < ivf.nlist:
@@ -801,26 +804,37 @@ def _search(index: faiss.Index, queries: np.ndarray, depth: int, id_selector: An
     return scores, ids
 
 
-def _ivf_search(index: faiss.Index, queries: np.ndarray, depth: int, selector: Any,
-                nprobe: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _ivf_search(index: faiss.Index, queries: np.ndarray, depth: int, selector: Any, nprobe: int,
+                coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """An IVF `index`'s top-`depth` over its `nprobe` nearest lists. A few queries (SINGLE_THREAD_BELOW) scan
     SCAN_PARTS parts of those lists at once: FAISS splits a search by query, never one query's lists, so on
-    its own one query uses one core (the 10M IVF-PQ scan: 44 -> 29 ms p50 on 2 cores, bench_scale.py)."""
+    its own one query uses one core (the 10M IVF-PQ scan: 44 -> 29 ms p50 on 2 cores, bench_scale.py).
+    `coarse` (the queries' `nprobe` nearest lists, scored) is used where it fits, else the quantizer ranks."""
     ivf = faiss.downcast_index(index)
     parts = min(SCAN_PARTS, nprobe // SCAN_PART_MIN_LISTS)
-    if len(queries) > SINGLE_THREAD_BELOW or parts < 2 or not isinstance(ivf, faiss.IndexIVF):
+    if coarse is not None and (coarse[1].shape != (len(queries), nprobe)):
+        coarse = None  # another nprobe (a filter's, or more lists for short results)
+    if len(queries) > SINGLE_THREAD_BELOW or not isinstance(ivf, faiss.IndexIVF) or (parts < 2 and coarse is None):
         return index.search(queries, depth, params=_search_params(index, selector, nprobe))
-    return _split_scan(ivf, queries, depth, selector, nprobe, parts)
+    return _split_scan(ivf, queries, depth, selector, nprobe, max(parts, 1), coarse)
 
 
-def _split_scan(ivf: Any, queries: np.ndarray, depth: int, selector: Any, nprobe: int,
-                parts: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def nearest_lists_scored(quantizer: Any, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, lists) float32/int64 (Q, n): the `n` lists nearest each query as an IVF index's `quantizer`
+    ranks them, the lists and order its search probes at nprobe `n`."""
+    return quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), int(n))
+
+
+def _split_scan(ivf: Any, queries: np.ndarray, depth: int, selector: Any, nprobe: int, parts: int,
+                coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """`ivf.search` over `nprobe` lists, as `parts` threads that each scan every parts-th of the ranked lists (so
     each gets near and far lists alike) and a merge of their top-`depth` lists: the same scores as one scan;
-    hits of equal score may come in another order (by id here) or, tied at the last place, be another one."""
+    hits of equal score may come in another order (by id here) or, tied at the last place, be another one.
+    One part runs on this thread (a search whose lists the caller ranked already)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     n = len(queries)
-    coarse_s, coarse_i = ivf.quantizer.search(queries, nprobe)  # what ivf.search would rank, once for all parts
+    # what ivf.search would rank, once for all parts
+    coarse_s, coarse_i = coarse if coarse is not None else nearest_lists_scored(ivf.quantizer, queries, nprobe)
 
     def scan(h: int) -> tuple[np.ndarray, np.ndarray]:
         faiss.omp_set_num_threads(1)  # this pool thread's own setting: one part, one core
@@ -833,6 +847,8 @@ def _split_scan(ivf: Any, queries: np.ndarray, depth: int, selector: Any, nprobe
                                  faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)  # fmt: skip
         return scores, ids
 
+    if parts == 1:
+        return scan(0)
     found = list(shared_pool("ruclip-scan", SCAN_PARTS).map(scan, range(parts)))  # parts of one query's lists
     scores = np.hstack([f[0] for f in found])
     ids = np.hstack([f[1] for f in found])

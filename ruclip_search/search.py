@@ -397,10 +397,14 @@ class _Coarse:
             return np.zeros(0, dtype=np.int32)
         return faiss_index.nearest_lists(self.ivf, vecs, 1)[:, 0].astype(np.int32)
 
-    def probed(self, query: np.ndarray) -> np.ndarray:
-        """bool (nlist,): the lists a search for `query` (d,) probes, at the file's nprobe. (One query: FAISS
-        searches it on this thread, no OpenMP team to hold back.)"""
-        lists = self.quantizer.search(query.reshape(1, -1), min(self.nprobe, self.nlist))[1][0]
+    def nearest(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, lists) (1, nprobe): the lists a search of the file for `query` (1, d) probes at its nprobe,
+        in its order; handed to the file's search too, so that the quantizer is searched once per query. (One
+        query: FAISS searches it on this thread, no OpenMP team to hold back.)"""
+        return faiss_index.nearest_lists_scored(self.quantizer, query, min(self.nprobe, self.nlist))
+
+    def probed(self, lists: np.ndarray) -> np.ndarray:
+        """bool (nlist,): `lists` (list numbers, -1 for none) as a mask."""
         mask = np.zeros(self.nlist, dtype=bool)
         mask[lists[lists >= 0]] = True
         return mask
@@ -492,20 +496,28 @@ class _Segment:
         return _Segment(max(seq, self.seq), all_ids, all_vecs, live, tombs, self.rows, all_lists, self.coarse,
                         assigned, tomb_buf, live_buf, self.media_seq)  # fmt: skip
 
-    def search(self, query: np.ndarray, want: int, allowed: np.ndarray | None,
-               exclude: set[int]) -> list[tuple[int, float]]:  # fmt: skip
+    def probes(self, allowed: np.ndarray | None) -> bool:
+        """Whether a search (with this filter) scores only the rows in the lists its query probes."""
+        return allowed is None and self.coarse is not None and len(self.ids) > SEGMENT_EXACT_MAX
+
+    def search(self, query: np.ndarray, want: int, allowed: np.ndarray | None, exclude: set[int],
+               lists: np.ndarray | None = None) -> list[tuple[int, float]]:  # fmt: skip
         """Top-`want` (id, score) among the live rows passing the filter: exact, or above SEGMENT_EXACT_MAX rows
-        (unfiltered, IVF file) among the rows in the lists the query probes, as the file's own search does."""
+        (unfiltered, IVF file: `probes`) among the rows in the lists the query probes, as the file's own search
+        does (`lists`: those lists, from `_Coarse.nearest`, if the caller has them)."""
         keep = self.live
         if allowed is not None and len(self.ids):
             keep = keep & np.isin(self.ids, allowed)
-        elif self.coarse is not None and self.lists is not None and len(self.ids) > SEGMENT_EXACT_MAX:
+        elif self.probes(allowed):
+            assert self.coarse is not None and self.lists is not None
+            if lists is None:
+                lists = self.coarse.nearest(query)[1][0]
             probed = np.ones(len(self.ids), dtype=bool)  # the rows not assigned yet: all scored
-            probed[: self.assigned] = self.coarse.probed(query[0])[self.lists[: self.assigned]]
+            probed[: self.assigned] = self.coarse.probed(lists)[self.lists[: self.assigned]]
             keep = keep & probed
-        if exclude and len(self.ids):
-            keep = keep & ~np.isin(self.ids, list(exclude))
         rows = np.flatnonzero(keep)
+        if exclude and len(rows):  # a few ids (a /similar query's own): dropped from the candidates only
+            rows = rows[~np.isin(self.ids[rows], list(exclude))]
         if len(rows) == 0:
             return []
         ids = self.ids[rows]
@@ -1084,10 +1096,13 @@ class Index:
             if len(segment.ids):
                 pairs += segment.search(query, want, allowed, exclude)
             return sorted(pairs, key=lambda p: (-p[1], p[0]))[:want]
+        # a large segment probes the file's lists: the quantizer ranks them once, for both searches
+        coarse = segment.coarse.nearest(query) if segment.probes(allowed) and segment.coarse is not None else None
         pairs = self._search_main(state.faiss, state.file_tombs(), query, want, allowed, exclude,
-                                  fetch=self.store.embeddings_or_nan, lineage=segment.rows)  # fmt: skip
+                                  fetch=self.store.embeddings_or_nan, lineage=segment.rows, coarse=coarse)  # fmt: skip
         if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)
-            pairs = sorted(pairs + segment.search(query, want, allowed, exclude), key=lambda p: (-p[1], p[0]))
+            found = segment.search(query, want, allowed, exclude, coarse[1][0] if coarse is not None else None)
+            pairs = sorted(pairs + found, key=lambda p: (-p[1], p[0]))
         pool = len(allowed) if allowed is not None else state.count - len(exclude)
         if len(pairs) < min(want, pool) and allowed is not None and len(allowed) <= EXACT_FALLBACK_MAX:
             pairs = self._exact(query, allowed, want)  # ANN probing missed some: be exact on the subset
@@ -1113,11 +1128,12 @@ class Index:
     @staticmethod
     def _search_main(
         index: Any, tombs: np.ndarray, query: np.ndarray, want: int, allowed: np.ndarray | None, exclude: set[int],
-        fetch: Any = None, lineage: _Rows | None = None,
+        fetch: Any = None, lineage: _Rows | None = None, coarse: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[tuple[int, float]]:  # fmt: skip
         """Top-`want` (id, score) of the FAISS file, never a tombstoned (stale or deleted) or excluded id.
         `fetch` (the store's vectors by id) re-ranks IVF-PQ candidates on the stored vectors; `lineage` (the
-        segment's rows) lets successive snapshots share one tombstone selector."""
+        segment's rows) lets successive snapshots share one tombstone selector; `coarse` (an unfiltered
+        query's lists, ranked) spares the file's search its quantizer."""
         if allowed is not None:
             if len(tombs):
                 allowed = allowed[~np.isin(allowed, tombs)]
@@ -1128,16 +1144,18 @@ class Index:
             return []
         elif len(tombs) + len(exclude) <= TOMBSTONE_SELECTOR_MIN:
             # a few tombstones: ask for that many more results and drop them (no selector: a plain search)
-            scores, ids = faiss_index.search(index, query, want + len(tombs) + len(exclude), fetch=fetch)
+            scores, ids = faiss_index.search(index, query, want + len(tombs) + len(exclude), fetch=fetch,
+                                             coarse=coarse)  # fmt: skip
         elif len(exclude) <= TOMBSTONE_SELECTOR_MIN:
             # the selector covers all but the newest tombstones (at most TOMBSTONE_SELECTOR_MIN): those and the
             # few excluded ids are asked for on top and dropped below
             selector, covered = _tombstone_selector(tombs, lineage)
             scores, ids = faiss_index.search(index, query, want + len(exclude) + len(tombs) - covered, selector,
-                                             fetch=fetch)  # fmt: skip
+                                             fetch=fetch, coarse=coarse)  # fmt: skip
         else:
             skip = np.union1d(tombs, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
-            scores, ids = faiss_index.search(index, query, want, faiss_index.excluding(skip), fetch=fetch)
+            scores, ids = faiss_index.search(index, query, want, faiss_index.excluding(skip), fetch=fetch,
+                                             coarse=coarse)  # fmt: skip
         dead = set(tombs.tolist()) if len(tombs) <= TOMBSTONE_SELECTOR_MIN else None
         pairs = []
         for s, i in zip(scores[0], ids[0], strict=True):

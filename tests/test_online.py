@@ -645,8 +645,16 @@ def test_a_large_recent_segment_is_searched_in_the_lists_the_query_probes(
         missed += len(truth) < 10 or truth != sorted(((i, float(v @ q)) for i, v in current.items()),
                                                     key=lambda p: (-p[1], p[0]))[:10]  # fmt: skip
     assert missed  # some queries' exact top rows lie in lists they do not probe: not every row was scored
+    from ruclip_search import faiss_index
+
+    ranked, handed = [], []
+    real_rank, real_scan = faiss_index.nearest_lists_scored, faiss_index._split_scan
+    monkeypatch.setattr(faiss_index, "nearest_lists_scored", lambda *a: ranked.append(1) or real_rank(*a))
+    monkeypatch.setattr(faiss_index, "_split_scan", lambda *a: handed.append(a[-1] is not None) or real_scan(*a))
     for i in range(100, 130):  # a write is found at once by its own vector
         assert idx.search(new[i], k=1)[0].key == f"n{i}"
+    # the lists were ranked once per query, for the segment's search and the file's (which got them handed)
+    assert len(ranked) == 30 and handed == [True] * 30
     deleted = {f"n{j}" for j in range(50, 100)}
     for i in range(50):  # a deleted photo never shows; a replaced one only with its new vector's score
         for q in (new[50 + i], new[i]):

@@ -101,6 +101,28 @@ def test_batches_and_short_scans_are_not_split(indexes, monkeypatch) -> None:
     faiss_index._ivf_search(index, queries[:1], DEPTH, None, 2 * faiss_index.SCAN_PART_MIN_LISTS - 1)
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+@pytest.mark.parametrize("nprobe", [5, 40])
+def test_lists_ranked_by_the_caller_give_the_one_scan_answer(indexes, kind, nprobe, monkeypatch) -> None:
+    """A caller that ranked the query's lists already (the recent segment probes the same ones) hands them in:
+    the answer is the one scan's at that nprobe, in one part or several, and the quantizer is not asked again;
+    lists ranked for another nprobe are not used."""
+    index, ids, queries = indexes[kind]
+    quantizer = faiss_index._ivf_of(index).quantizer
+    monkeypatch.setattr(faiss_index, "SCAN_PARTS", 2)
+    keep = np.ascontiguousarray(ids[::3])
+    sel = faiss.IDSelectorBatch(len(keep), faiss.swig_ptr(keep))
+    for selector in (None, sel):
+        for q in queries[:10]:
+            coarse = faiss_index.nearest_lists_scored(quantizer, q[None], nprobe)
+            one = index.search(q[None], DEPTH, params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))
+            with monkeypatch.context() as m:
+                m.setattr(faiss_index, "nearest_lists_scored", lambda *a: pytest.fail("ranked twice"))
+                _assert_same(one, faiss_index._ivf_search(index, q[None], DEPTH, selector, nprobe, coarse))
+            other = faiss_index.nearest_lists_scored(quantizer, q[None], nprobe + 1)
+            _assert_same(one, faiss_index._ivf_search(index, q[None], DEPTH, selector, nprobe, other))
+
+
 def test_refined_search_of_one_query_is_unchanged_by_the_split(indexes, monkeypatch) -> None:
     """The whole IVF-PQ search (scan, refine, re-rank) returns the same top 10 with and without parts."""
 
