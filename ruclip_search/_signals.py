@@ -64,21 +64,21 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return fn(*args, **kwargs)
 
 
-def wait(future: Future[T]) -> T:
-    """`future.result()`, waited for in short held slices so that Ctrl-C stops the wait promptly."""
+def _sliced(block: Callable[[float], T], timed_out: type[BaseException]) -> T:
+    """`block(SLICE_S)` in held slices until it returns without `timed_out`: Ctrl-C stops the wait promptly."""
     while True:
         with held():
             try:
-                return future.result(timeout=SLICE_S)
-            except TimeoutError:
+                return block(SLICE_S)
+            except timed_out:
                 pass
+
+
+def wait(future: Future[T]) -> T:
+    """`future.result()`, waited for in short held slices."""
+    return _sliced(lambda t: future.result(timeout=t), TimeoutError)
 
 
 def get(q: queue.Queue[T]) -> T:
     """`q.get()`, waited for in short held slices (a queue's lock is as exposed as a pool's)."""
-    while True:
-        with held():
-            try:
-                return q.get(timeout=SLICE_S)
-            except queue.Empty:
-                pass
+    return _sliced(lambda t: q.get(timeout=t), queue.Empty)

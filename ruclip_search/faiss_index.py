@@ -761,7 +761,7 @@ def nearest_lists(ivf: Any, vectors: np.ndarray, n: int) -> np.ndarray:
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        return ivf.quantizer.search(vectors, int(n))[1]
+        return nearest_lists_scored(ivf.quantizer, vectors, n)[1]
     finally:
         faiss.omp_set_num_threads(threads)
 
