@@ -43,8 +43,8 @@ MIN_ANN = 1000  # below this many vectors an IVF/IVF-PQ request builds an exact 
 RETRAIN_GROWTH = 4.0  # an IVF index is retrained once the collection has grown past this many times its training
 RERANK_STEPS = (20, 40, 80, 160, 320, 640, 1000)  # IVF-PQ candidates re-ranked on the stored vectors (tried)
 REFINED_STEPS = (10, 15, 20, 30, 40, 60, 80, 120, 160, 240, 320)  # the same, after the in-memory refine code
-REFINED_HEADROOM = 2  # rows re-ranked: this many times the first depth that reaches the target (see _tune_pq)
 FETCH_NS = 100_000  # re-ranking one candidate: its stored row read and scored (IVF-PQ stores are mostly on disk)
+LIST_HEADROOM = 1  # IVF-PQ lists probed: this many sqrt(2) steps past the cheapest tuned setting (see _tune_pq)
 REFINE_DEPTH = 1000  # IVF-PQ candidates whose scores the in-memory refine code corrects (see pq_refine)
 REFINE_NS = 600  # refining one candidate: a table lookup per 8-bit sub-quantizer
 REFINE_DIMS_PER_CODE = 16  # dimensions per 8-bit refine sub-quantizer (48 bytes for 768-d: 0.5 GB at 10M)
@@ -53,7 +53,8 @@ PQ_NBITS = 4  # IVF-PQ codes: 4-bit sub-quantizers scanned with SIMD (FastScan),
 PQ_DIMS_PER_CODE = 2  # dimensions per 4-bit sub-quantizer (192 bytes for 768-d): text-like queries' top scores
 # lie within a few hundredths, so 48-byte codes needed 1,000 re-ranked rows for recall 0.9 (tune_pq.py), and
 # 64-byte codes lost a quarter of the true top 10 beyond the first 1,000 candidates (1M, CLIP-like synth data)
-MAX_IVFPQ_LISTS = 2048  # adding 8.4M 768-d vectors to 2048 lists took 12 min on 2 cores (bench_scale.py): no more
+MAX_IVFPQ_LISTS = 8192  # at 10M, 1/8 of 2,048 lists was probed for recall; more lists, a smaller share. Flat k-means
+# and assignment stay affordable: 100k 768-d vectors to 8,192 lists in 8.6 s on 2 cores (BLAS), ~15 min at 10M
 PROBE_QUERIES = 100  # held-out text-like queries whose exact top-10 an IVF index keeps: folds measure its recall
 PROBE_MIN = 30  # a fold measures recall only while this many of them still have a known exact top-10
 KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time for no recall once nprobe is tuned
@@ -356,9 +357,11 @@ def build(
     flat_below: int | None = None,
     min_ann: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    keep: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> tuple[faiss.Index, dict[str, Any]]:
     """Build an index over everything `source` holds; returns it and its info {type, n, dim, recall_at_10,
-    params, trained_n}.
+    params, trained_n}. `keep(ids, vectors)` gets every chunk when the index re-ranks its candidates on the
+    stored vectors (IVF-PQ): the caller keeps them where they read fast (vector_file).
 
     Streams: a random sample (TRAIN_PER_LIST per IVF list) trains it, then the vectors are added one chunk at
     a time while the exact top-10 of RECALL_SAMPLE text-like queries is gathered from the same chunks; ANN
@@ -393,6 +396,8 @@ def build(
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         index.add_with_ids(vectors, ids)
+        if keep is not None and p.kind == "ivfpq":
+            keep(ids, vectors)
         if refiner is not None:
             refiner.add(ids, vectors)
         for top in (truth, probe):
@@ -499,8 +504,8 @@ def _fetch_rows(fetch: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, dim:
 
 def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarray, target: float,
              fetch: Callable[[np.ndarray], np.ndarray]) -> tuple[float, dict]:  # fmt: skip
-    """IVF-PQ: for nprobe = nlist/64, doubled, the recall of re-ranking the top R PQ candidates for each R in
-    RERANK_STEPS; the cheapest sufficient (nprobe, R) by the time of scanning codes and reading R rows.
+    """IVF-PQ: for nprobe = nlist/64, times sqrt(2) each step, the recall of re-ranking the top R PQ candidates
+    for each R in RERANK_STEPS; the cheapest sufficient (nprobe, R) by the time of scanning codes and reading R rows.
 
     Text-like queries never reach the bar at 1/64 of the lists, so the search starts there; stored vectors
     are read once (cached across steps) and only as deep as the R being tried: at 10M they come from disk."""
@@ -541,26 +546,43 @@ def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarra
                 break
         log.info("nprobe %d: best recall@10 %.4f", nprobe, max(fallback[0], options[-1][1] if options else 0))
         after += bool(options)
-        if after >= 2 or nprobe >= nlist:  # one more doubling after the first sufficient setting
+        if after >= 2 or nprobe >= nlist:  # one more step after the first sufficient setting
             break
-        nprobe = min(2 * nprobe, nlist)
+        nprobe = _next_nprobe(nprobe, nlist)
     if options:
         _, recall, nprobe, r = min(options)
     else:
         recall, nprobe, r = fallback
-    if refiner is not None and r < depth:
-        # Refined rankings put the last true neighbours of harder queries a little deeper than the tuning queries':
-        # at 10M, other text-like queries lost 0.026 of recall@10 against the tuning queries' at the same setting,
-        # more than TUNE_MARGIN. Reading twice the first sufficient depth keeps them above the bar (the rows are
-        # few now, so this costs a few ms); the recall recorded is that of the depth used.
-        r = min(depth, REFINED_HEADROOM * r)
-        recall = _recall(_rerank(queries, cand_at[nprobe][:, :r], rows(cand_at[nprobe][:, :r]), k)[1], truth)
+    for _ in range(LIST_HEADROOM if refiner is not None and options else 0):
+        # Harder text-like queries than the tuning's need more lists, not more rows. At 10M (8,192 lists) the
+        # held-out queries of bench_scale.py reached 0.935 at the tuned nprobe (512) however deep they were
+        # re-ranked (their true top-10 lay outside those lists), and 0.954 one sqrt(2) step further at the depth
+        # the tuning queries need there (160), which need more rows than they do (0.970 against 0.954 at 80).
+        # So: one step more lists, and the first sufficient depth there; the recall recorded is the setting's.
+        if nprobe >= nlist:
+            break
+        nprobe = _next_nprobe(nprobe, nlist)
+        if nprobe not in cand_at:
+            ivf.nprobe = nprobe
+            approx, cand = _search_plain(index, queries, depth)
+            cand_at[nprobe] = _refined(refiner, queries, approx, cand, depth)
+        cand = cand_at[nprobe]
+        for r in [s for s in steps if s < depth] + [depth]:
+            recall = _recall(_rerank(queries, cand[:, :r], rows(cand[:, :r]), k)[1], truth)
+            if recall >= target:
+                break
     ivf.nprobe = nprobe
     _RERANK[index] = r
     if refiner is None:
         return recall, {"nprobe": nprobe, "nlist": nlist, "rerank": r}
     _REFINE_DEPTH[index] = depth
     return recall, {"nprobe": nprobe, "nlist": nlist, "rerank": r, "refine": depth}
+
+
+def _next_nprobe(nprobe: int, nlist: int) -> int:
+    """The next nprobe tuning tries: sqrt(2) times more lists, not 2: the scan costs in proportion to nprobe, and
+    doubling past the least sufficient setting could scan up to twice the lists it needs."""
+    return min(max(nprobe + 1, round(nprobe * math.sqrt(2))), nlist)
 
 
 def _refined(refiner: Refiner, queries: np.ndarray, approx: np.ndarray, ids: np.ndarray, keep: int) -> np.ndarray:

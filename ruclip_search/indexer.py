@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from . import defaults, faiss_index
+from . import defaults, faiss_index, vector_file
 from .errors import ModelMismatchError, RuclipSearchError, StorageError
 from .loader import MAIN_GUARD_HINT, FileMeta, Loaded, _Decoder, hash_file
 from .pq_refine import sidecar as refine_sidecar
 from .store import DB_NAME, ImageWrite, IndexLock, ScanRow, Store, encode_embedding
+from .vector_file import VectorFile
 from .walk import walk, walk_paths
 
 log = logging.getLogger(__name__)
@@ -299,9 +300,24 @@ def write_faiss(
     if folded is not None:
         index, info, seq = folded
     else:
-        with store.embedding_snapshot() as snapshot:  # the file covers the changes up to its seq (faiss_seq)
-            index, info = faiss_index.build(snapshot, kind, memory_budget=budget)
-            seq = snapshot.seq
+        kept: list[VectorFile] = []  # IVF-PQ: the vectors it re-ranks on, where they read fast
+
+        def keep(ids: np.ndarray, vectors: np.ndarray) -> None:
+            if not kept:
+                kept.append(VectorFile.for_writing(store.dir, int(store.dim or vectors.shape[1])))
+            kept[0].write(ids, vectors)
+
+        try:
+            with store.embedding_snapshot() as snapshot:  # the file covers the changes up to its seq (faiss_seq)
+                index, info = faiss_index.build(snapshot, kind, memory_budget=budget, keep=keep)
+                seq = snapshot.seq
+            for f in kept:
+                f.sync()  # before the FAISS file that re-ranks on it is published
+        except OSError as e:
+            raise StorageError(f"Cannot write the vector file in {str(store.dir)!r}: {e.strerror or e}.") from e
+        finally:
+            for f in kept:
+                f.close()
         info["retrained"] = True
     version = store.index_version() + 1
     name = f"faiss-{version}.index"
@@ -323,6 +339,8 @@ def write_faiss(
         store.set_meta(recall_probe=json.dumps(probe) if probe is not None else None)
     if old and old != name:
         _remove_faiss_file(store.dir / old)
+    # only IVF-PQ re-ranks from disk (n x 1.5 KB at 768-d); and no other dimension's file is read again
+    vector_file.remove(store.dir, but=int(store.dim) if info["type"] == "ivfpq" else None)
     return info
 
 
@@ -352,6 +370,16 @@ def _fold_changes(store: Store, kind: str, budget: int | None) -> tuple[Any, dic
     if index.d != dim:
         return None
     faiss_index.update(index, ids, vectors, gone)
+    if kind_now == "ivfpq" and vector_file.path_for(store.dir, dim).exists():
+        try:
+            kept = VectorFile.for_writing(store.dir, dim)
+            try:
+                kept.write(ids, vectors)
+                kept.sync()
+            finally:
+                kept.close()
+        except OSError as e:
+            raise StorageError(f"Cannot write the vector file in {str(store.dir)!r}: {e.strerror or e}.") from e
     if index.ntotal != n:  # rows the change log never recorded (an index older than the log): rebuild
         return None
     info = {"type": kind_now, "n": int(index.ntotal), "dim": dim, "recall_at_10": float(meta.get("recall_at_10") or 0),
@@ -766,6 +794,14 @@ def _switch(live: Store, staged: Store) -> None:
             if refine_sidecar(source).exists():  # an IVF-PQ file's refine code goes first, under its name
                 os.replace(refine_sidecar(source), refine_sidecar(live.dir / name))
             os.replace(source, live.dir / name)  # before the commit; an orphan left by a crash is cleaned later
+            # the live folder's vector file holds the old rows under ids the staged rows may reuse: the staged
+            # one replaces it (readers of the old FAISS file keep the old one open), or none is left
+            staged_vectors = vector_file.path_for(staged.dir, staged.dim or 0)
+            if staged.dim and staged_vectors.exists():
+                vector_file.remove(live.dir, but=staged.dim)
+                os.replace(staged_vectors, vector_file.path_for(live.dir, staged.dim))
+            else:
+                vector_file.remove(live.dir)
         except OSError as e:
             raise StorageError(f"Cannot move the new FAISS index into {str(live.dir)!r}: {e.strerror or e}.") from e
     top = faiss_index.recorded_max_id(staged.meta(), source.name) if name is not None and source is not None else None
@@ -895,6 +931,12 @@ def migrate(
         if src.faiss_path() is not None and faiss_file is not None and not faiss_file.exists():
             source_file = src.faiss_path()
             if source_file is not None and source_file.exists() and source_file.parent.resolve() != dest_dir.resolve():
+                # IVF-PQ: its refine code and vector file too (without them it re-ranks far more rows, from the db)
+                if refine_sidecar(source_file).exists():
+                    shutil.copyfile(refine_sidecar(source_file), refine_sidecar(faiss_file))
+                vectors = vector_file.path_for(src.dir, src.dim or 0)
+                if src.dim and vectors.exists():
+                    shutil.copyfile(vectors, vector_file.path_for(dest_dir, src.dim))
                 shutil.copyfile(source_file, faiss_file)
             else:
                 write_faiss(dest)

@@ -15,6 +15,7 @@ background once the segment exceeds `defaults.SEGMENT_MAX`).
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -36,6 +37,7 @@ from .errors import IndexNotFoundError, ModelMismatchError, QueryError, RuclipSe
 from .filters import NO_FILTERS, SearchFilters, parse_when, validate_key, validate_name
 from .group_commit import GroupCommit
 from .store import ImageRecord, IndexLock, PhotosWritten, PhotoWrite, Store, decode_embeddings, encode_embedding
+from .vector_file import VectorFile
 
 if TYPE_CHECKING:
     from .encoder import ModelCache
@@ -554,6 +556,17 @@ class _State:
     faiss_seq: int = 0  # the last store change the FAISS file covers
     segment: _Segment | None = None  # what changed since (attached by _load_state)
     faiss_max_id: int | None = None  # the largest id the FAISS file holds (None: not recorded)
+    vectors: VectorFile | None = None  # IVF-PQ: the file its candidates' stored vectors are read from
+
+    def stored_vectors(self, store: Store, ids: np.ndarray) -> np.ndarray:
+        """Candidates' stored vectors for re-ranking: from the vector file, the rows it lacks from the store."""
+        if self.vectors is None:
+            return store.embeddings_or_nan(ids)
+        out = self.vectors.read(ids)
+        missing = np.flatnonzero(np.isnan(out[:, 0]))
+        if len(missing):
+            out[missing] = store.embeddings_or_nan(np.asarray(ids)[missing])
+        return out
 
     def file_tombs(self) -> np.ndarray:
         """The segment's tombstones that can be in the FAISS file: a photo added since (a larger id) cannot, so
@@ -782,6 +795,7 @@ class Index:
                 index, int(meta.get("index_version", "0") or 0), int(index.ntotal), meta.get("index_type"),
                 meta.get("model") or None, int(meta["dim"]) if meta.get("dim") else None,
                 faiss_seq=faiss_seq, segment=segment, faiss_max_id=faiss_index.recorded_max_id(meta, name),
+                vectors=VectorFile.open(store.dir, int(index.d)) if meta.get("index_type") == "ivfpq" else None,
             )  # fmt: skip
         raise StorageError(f"Index {str(store.dir)!r} keeps changing while being opened: try again.")
 
@@ -1099,7 +1113,8 @@ class Index:
         # a large segment probes the file's lists: the quantizer ranks them once, for both searches
         coarse = segment.coarse.nearest(query) if segment.probes(allowed) and segment.coarse is not None else None
         pairs = self._search_main(state.faiss, state.file_tombs(), query, want, allowed, exclude,
-                                  fetch=self.store.embeddings_or_nan, lineage=segment.rows, coarse=coarse)  # fmt: skip
+                                  fetch=functools.partial(state.stored_vectors, self.store), lineage=segment.rows,
+                                  coarse=coarse)  # fmt: skip
         if len(segment.ids):  # the recent segment, exactly, merged by score (ties by id, as exact search)
             found = segment.search(query, want, allowed, exclude, coarse[1][0] if coarse is not None else None)
             pairs = sorted(pairs + found, key=lambda p: (-p[1], p[0]))

@@ -20,6 +20,7 @@ index.db's pages from the OS page cache (that file's only), so that runs start a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -137,7 +138,8 @@ def _cached_mb(path: Path) -> float | None:
     return round(int(out.stdout.split()[0]) / 1e6) if out.returncode == 0 and out.stdout.split() else None
 
 
-def step_serve(folder: Path, scan_parts: int | None = None, read_parts: int | None = None, cold: bool = False) -> dict:
+def step_serve(folder: Path, scan_parts: int | None = None, read_parts: int | None = None, cold: bool = False,
+               rows_from: str = "file") -> dict:  # fmt: skip
     from ruclip_search import faiss_index, store
     from ruclip_search.search import Index
 
@@ -145,18 +147,22 @@ def step_serve(folder: Path, scan_parts: int | None = None, read_parts: int | No
         faiss_index.SCAN_PARTS = scan_parts
     if read_parts:
         store.VECTOR_READ_THREADS = read_parts
-    if cold:  # this file's pages out of the OS page cache (only its own): every run starts from the same state
-        fd = os.open(folder / "index" / "index.db", os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    if cold:  # these files' pages out of the OS page cache (only theirs): every run starts from the same state
+        for path in [folder / "index" / "index.db", *sorted((folder / "index").glob("vectors-*.f16"))]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
     db_cached_before = _cached_mb(folder / "index" / "index.db")
     queries, truth = np.load(folder / "queries.npy"), np.load(folder / "truth.npy")
     t0 = time.perf_counter()
     idx = Index.open(folder / "index", model=_text_model())
     open_s = time.perf_counter() - t0
     state = idx._live_state()
+    if rows_from == "store":  # A/B: the re-ranked rows read from the store, as before the vector file
+        state = idx._state = dataclasses.replace(state, vectors=None)
+    vector_file = state.vectors.path if state.vectors is not None else None
     faiss_ms, search_ms, found, same = [], [], [], 0
     for q in queries[:20]:  # warm-up: page in the lists and rows the first queries touch
         idx.search(q, k=K)
@@ -169,7 +175,7 @@ def step_serve(folder: Path, scan_parts: int | None = None, read_parts: int | No
 
     def fetch(ids: np.ndarray) -> np.ndarray:
         t = time.perf_counter()
-        out = idx.store.embeddings_or_nan(ids)
+        out = state.stored_vectors(idx.store, ids)
         read_ms[-1] += (time.perf_counter() - t) * 1e3
         return out
 
@@ -201,6 +207,8 @@ def step_serve(folder: Path, scan_parts: int | None = None, read_parts: int | No
         "recorded_recall": info.get("recall_at_10"), "scan_parts": faiss_index.SCAN_PARTS,
         "read_parts": store.VECTOR_READ_THREADS, "db_cached_mb_before": db_cached_before,
         "db_cached_mb_after": _cached_mb(folder / "index" / "index.db"),
+        "rows_from": str(vector_file) if vector_file else "store",
+        "vector_file_cached_mb_after": _cached_mb(vector_file) if vector_file else None,
     }  # fmt: skip
 
 
@@ -236,6 +244,7 @@ def run_step(name: str, args: argparse.Namespace) -> dict:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.cold:
         cmd.append("--cold")
+    cmd += ["--rows-from", args.rows_from]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     out, _ = proc.communicate()
     if proc.returncode:
@@ -258,6 +267,9 @@ def main() -> None:
     p.add_argument("--scan-parts", type=int, default=None, help="serve: parts one query's IVF scan runs in")
     p.add_argument("--read-parts", type=int, default=None, help="serve: parts the re-ranked rows are read in")
     p.add_argument("--cold", action="store_true", help="serve: drop index.db's pages from the OS cache first")
+    p.add_argument("--rows-from", choices=("file", "store", "both"), default="file",
+                   help="serve: read the re-ranked rows from the vector file (where the index has one), the store "
+                   "(as before it), or both in turn (store first)")  # fmt: skip
     p.add_argument("--step", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.clean:
@@ -278,7 +290,7 @@ def main() -> None:
         if args.step == "build":
             out = step_build(args.dir, args.memory_budget)
         elif args.step == "serve":
-            out = step_serve(args.dir, args.scan_parts, args.read_parts, args.cold)
+            out = step_serve(args.dir, args.scan_parts, args.read_parts, args.cold, args.rows_from)
         else:
             out = step_grow(args.dir, json.loads((args.dir / "prepared.json").read_text())["n"])
         out["peak_rss_mb"] = _rss_mb()[1]
@@ -298,10 +310,13 @@ def main() -> None:
                  ("recall@10 at build: tuning / kept held-out queries",
                   f"{b['info']['recall_at_10']} / {b['info'].get('probe_recall')}", ">= 0.95"),
                  ("index build peak RSS", f"{b['peak_rss_mb'] / 1024:.2f} GB", "<= 8 GB")]  # fmt: skip
-    if "serve" not in skip:
-        s = run_step("serve", args)
+    for rows_from in ("store", "file") if args.rows_from == "both" else (args.rows_from,):
+        if "serve" in skip:
+            break
+        s = run_step("serve", argparse.Namespace(**{**vars(args), "rows_from": rows_from}))
         print("serve:", json.dumps(s))
         rows += [
+            (f"-- serving, re-ranked rows from {rows_from}", s["rows_from"], "-"),
             ("(load average after the serve step)", s["load"], "-"),
             ("(index.db in the page cache before / after, MB)",
              f"{s['db_cached_mb_before']} / {s['db_cached_mb_after']}", "-"),

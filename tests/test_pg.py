@@ -241,6 +241,33 @@ def test_migrate_sqlite_to_postgresql_and_back(tmp_path: Path, photos: Path, pg_
         assert s.put_photos([PhotoWrite("newer", emb(4, 32))]) == [high + 2]
 
 
+def test_migrate_into_another_folder_takes_the_ivfpq_files_along(
+    tmp_path: Path, pg_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An IVF-PQ index copied into PostgreSQL with another folder for its FAISS files: the refine code and the
+    vector file go with the FAISS file (without them it would re-rank every refined candidate, from the db)."""
+    from test_scale import put, vectors
+
+    from ruclip_search import vector_file
+    from ruclip_search.indexer import write_faiss
+    from ruclip_search.pq_refine import sidecar
+
+    index = tmp_path / "idx"
+    with Store.create(index) as s:
+        with s.transaction() as conn:
+            s.set_model(conn, "m", 32)
+        put(s, vectors(3000, seed=2)[0])
+        monkeypatch.setattr(faiss_index, "FLAT_BELOW", 1000)
+        assert write_faiss(s, "auto", memory_budget=3000 * 32 * 4 // 2)["type"] == "ivfpq"
+    other = tmp_path / "other"
+    result = migrate(index, index=other, db=pg_db)
+    assert result["faiss_written"] is False
+    with Store.open(other, db=pg_db) as pg:
+        copied = pg.faiss_path()
+        assert copied is not None and copied.parent == other and sidecar(copied).exists()
+        assert vector_file.path_for(other, 32).read_bytes() == vector_file.path_for(index, 32).read_bytes()
+
+
 def test_migrate_refuses_what_it_cannot_do(tmp_path: Path, pg_db: str) -> None:
     from ruclip_search.errors import RuclipSearchError
 
