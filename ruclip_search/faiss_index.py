@@ -53,8 +53,9 @@ PQ_NBITS = 4  # IVF-PQ codes: 4-bit sub-quantizers scanned with SIMD (FastScan),
 PQ_DIMS_PER_CODE = 2  # dimensions per 4-bit sub-quantizer (192 bytes for 768-d): text-like queries' top scores
 # lie within a few hundredths, so 48-byte codes needed 1,000 re-ranked rows for recall 0.9 (tune_pq.py), and
 # 64-byte codes lost a quarter of the true top 10 beyond the first 1,000 candidates (1M, CLIP-like synth data)
-MAX_IVFPQ_LISTS = 8192  # at 10M, 1/8 of 2,048 lists was probed for recall; more lists, a smaller share. Flat k-means
-# and assignment stay affordable: 100k 768-d vectors to 8,192 lists in 8.6 s on 2 cores (BLAS), ~15 min at 10M
+MAX_IVFPQ_LISTS = 8192  # at 10M the bar took 1/8 of 2,048 lists (scan 27 ms), 1/11 of 8,192 (13 ms). Flat k-means and
+# exact assignment stay affordable: 100k 768-d vectors to 8,192 lists in 8.6 s on 2 cores (BLAS); the 10M build
+# took 2,064 s instead of 1,434 (bench_scale.py)
 PROBE_QUERIES = 100  # held-out text-like queries whose exact top-10 an IVF index keeps: folds measure its recall
 PROBE_MIN = 30  # a fold measures recall only while this many of them still have a known exact top-10
 KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time for no recall once nprobe is tuned

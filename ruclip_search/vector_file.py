@@ -1,11 +1,11 @@
 """An IVF-PQ index's stored vectors as one flat float16 file by image id, read when its candidates are re-ranked.
 
-Re-ranking reads a few hundred random rows per query. From the store each row is a B-tree descent and a row
-decoded by the database (240 rows of a 10M SQLite store out of the page cache: ~15 ms, and more threads did not
-help); here a row is one `pread` at id x row size, READ_THREADS at once, with the kernel's readahead off for
-this file (POSIX_FADV_RANDOM: this machine's 8 MB device readahead made 240 random 4 KB reads ~32 ms on any
-number of threads, against ~6 ms on 16 threads without it). No library keeps vectors by an external id on
-disk for random reads (FAISS's on-disk lists are by list, its refine indexes hold vectors in RAM): hence this.
+Re-ranking reads a hundred or more random rows per query. From the store each row is a B-tree lookup and a row
+decoded by the database; here a row is one `pread` at id x row size, READ_THREADS at once, with the kernel's
+readahead off for this file (POSIX_FADV_RANDOM: with this VM's 8 MB device readahead on, 240 random 4 KB reads
+took ~32 ms on any number of threads; without it 6-16 ms on 16 threads). At 10M out of the page cache, 160 rows:
+~4 ms from here, ~6.4 ms from SQLite (bench_scale.py). No library keeps vectors by an external id on disk for
+random reads (FAISS's on-disk lists are by list, its refine indexes hold vectors in RAM): hence this.
 
 The store stays the truth. Rows never written read as zeros, and a row whose norm is not ~1 (zeros, a torn or
 foreign row) counts as missing: the caller reads those from the store. Builds and folds write rows in place: a
