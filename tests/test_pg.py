@@ -246,16 +246,14 @@ def test_migrate_into_another_folder_takes_the_ivfpq_files_along(
 ) -> None:
     """An IVF-PQ index copied into PostgreSQL with another folder for its FAISS files: the refine code and the
     vector file go with the FAISS file (without them it would re-rank every refined candidate, from the db)."""
-    from test_scale import put, vectors
+    from test_scale import new_store, put, vectors
 
     from ruclip_search import vector_file
     from ruclip_search.indexer import write_faiss
     from ruclip_search.pq_refine import sidecar
 
     index = tmp_path / "idx"
-    with Store.create(index) as s:
-        with s.transaction() as conn:
-            s.set_model(conn, "m", 32)
+    with new_store(index) as s:
         put(s, vectors(3000, seed=2)[0])
         monkeypatch.setattr(faiss_index, "FLAT_BELOW", 1000)
         assert write_faiss(s, "auto", memory_budget=3000 * 32 * 4 // 2)["type"] == "ivfpq"

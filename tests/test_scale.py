@@ -44,13 +44,18 @@ def put(store: Store, vecs: np.ndarray, start: int = 0, prefix: str = "p") -> li
     return store.put_photos(writes)
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store.create(tmp_path / "idx")
+def new_store(folder: Path) -> Store:
+    """A new index store for DIM-d embeddings (no FAISS file yet)."""
+    s = Store.create(folder)
     with s.transaction() as conn:
         s.set_model(conn, "m", DIM)
-    yield s
-    s.close()
+    return s
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with new_store(tmp_path / "idx") as s:
+        yield s
 
 
 def stored(store: Store) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_scale import DIM, K, put, stored, text_queries, vectors
+from test_scale import DIM, K, new_store, put, stored, text_queries, vectors
 
 from ruclip_search import faiss_index, vector_file
 from ruclip_search.indexer import write_faiss
@@ -19,11 +19,8 @@ from ruclip_search.vector_file import VectorFile
 
 @pytest.fixture
 def store(tmp_path: Path):
-    s = Store.create(tmp_path / "idx")
-    with s.transaction() as conn:
-        s.set_model(conn, "m", DIM)
-    yield s
-    s.close()
+    with new_store(tmp_path / "idx") as s:
+        yield s
 
 
 def unit(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
