@@ -300,24 +300,10 @@ def write_faiss(
     if folded is not None:
         index, info, seq = folded
     else:
-        kept: list[VectorFile] = []  # IVF-PQ: the vectors it re-ranks on, where they read fast
-
-        def keep(ids: np.ndarray, vectors: np.ndarray) -> None:
-            if not kept:
-                kept.append(VectorFile.for_writing(store.dir, int(store.dim or vectors.shape[1])))
-            kept[0].write(ids, vectors)
-
-        try:
-            with store.embedding_snapshot() as snapshot:  # the file covers the changes up to its seq (faiss_seq)
-                index, info = faiss_index.build(snapshot, kind, memory_budget=budget, keep=keep)
-                seq = snapshot.seq
-            for f in kept:
-                f.sync()  # before the FAISS file that re-ranks on it is published
-        except OSError as e:
-            raise StorageError(f"Cannot write the vector file in {str(store.dir)!r}: {e.strerror or e}.") from e
-        finally:
-            for f in kept:
-                f.close()
+        # IVF-PQ: the vectors it re-ranks on, where they read fast
+        with _vector_rows(store, int(store.dim)) as keep, store.embedding_snapshot() as snapshot:
+            index, info = faiss_index.build(snapshot, kind, memory_budget=budget, keep=keep)
+            seq = snapshot.seq  # the file covers the changes up to its seq (faiss_seq)
         info["retrained"] = True
     version = store.index_version() + 1
     name = f"faiss-{version}.index"
@@ -342,6 +328,35 @@ def write_faiss(
     # only IVF-PQ re-ranks from disk (n x 1.5 KB at 768-d); and no other dimension's file is read again
     vector_file.remove(store.dir, but=int(store.dim) if info["type"] == "ivfpq" else None)
     return info
+
+
+@contextlib.contextmanager
+def _vector_rows(store: Store, dim: int) -> Iterator[Callable[[np.ndarray, np.ndarray], None]]:
+    """A writer of rows of the folder's vector file (opened at the first rows), synced when the block ends well,
+    before the FAISS file that re-ranks on them is published; the file's OSError is a StorageError."""
+    opened: list[VectorFile] = []
+
+    def failed(e: OSError) -> StorageError:
+        return StorageError(f"Cannot write the vector file in {str(store.dir)!r}: {e.strerror or e}.")
+
+    def write(ids: np.ndarray, vectors: np.ndarray) -> None:
+        try:
+            if not opened:
+                opened.append(VectorFile.for_writing(store.dir, dim))
+            opened[0].write(ids, vectors)
+        except OSError as e:
+            raise failed(e) from e
+
+    try:
+        yield write
+        for f in opened:
+            try:
+                f.sync()
+            except OSError as e:
+                raise failed(e) from e
+    finally:
+        for f in opened:
+            f.close()
 
 
 def _fold_changes(store: Store, kind: str, budget: int | None) -> tuple[Any, dict[str, Any], int] | None:
@@ -371,15 +386,8 @@ def _fold_changes(store: Store, kind: str, budget: int | None) -> tuple[Any, dic
         return None
     faiss_index.update(index, ids, vectors, gone)
     if kind_now == "ivfpq" and vector_file.path_for(store.dir, dim).exists():
-        try:
-            kept = VectorFile.for_writing(store.dir, dim)
-            try:
-                kept.write(ids, vectors)
-                kept.sync()
-            finally:
-                kept.close()
-        except OSError as e:
-            raise StorageError(f"Cannot write the vector file in {str(store.dir)!r}: {e.strerror or e}.") from e
+        with _vector_rows(store, dim) as keep:
+            keep(ids, vectors)
     if index.ntotal != n:  # rows the change log never recorded (an index older than the log): rebuild
         return None
     info = {"type": kind_now, "n": int(index.ntotal), "dim": dim, "recall_at_10": float(meta.get("recall_at_10") or 0),
