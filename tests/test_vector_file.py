@@ -143,3 +143,38 @@ def test_remove_keeps_only_the_named_dimension(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.glob("vectors-*.f16")] == ["vectors-64.f16"]
     vector_file.remove(tmp_path)
     assert not list(tmp_path.glob("vectors-*.f16"))
+
+
+def test_a_vector_file_that_cannot_be_written_is_a_clear_error_and_loses_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while the vector file is written (by a build, or by a fold) stops the write with a
+    StorageError naming the file's folder; no FAISS file is published, the stored photos are all there, and the
+    next write, with room again, goes through."""
+    import errno
+
+    from ruclip_search.errors import StorageError
+
+    def full(*_a: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    vecs, _ = vectors(3000, seed=2)
+    put(store, vecs)
+    monkeypatch.setattr(faiss_index, "FLAT_BELOW", 1000)
+    budget = 3000 * DIM * 4 // 2  # IVF-PQ
+    with monkeypatch.context() as m:
+        m.setattr(vector_file.os, "pwrite", full)
+        with pytest.raises(StorageError, match="vector file.*No space left"):
+            write_faiss(store, "auto", memory_budget=budget)
+    assert store.get_meta("faiss_file") is None and len(stored(store)[0]) == 3000
+    assert write_faiss(store, "auto", memory_budget=budget)["type"] == "ivfpq"
+    first = store.get_meta("faiss_file")
+    put(store, unit(5, seed=9), start=0)  # replaced photos: the fold writes their rows
+    with monkeypatch.context() as m:
+        m.setattr(vector_file.os, "pwrite", full)
+        with pytest.raises(StorageError, match="vector file"):
+            write_faiss(store)
+    assert store.get_meta("faiss_file") == first and (store.dir / first).exists()
+    assert not write_faiss(store)["retrained"]
+    ids, got = stored(store)
+    np.testing.assert_array_equal(VectorFile.open(store.dir, DIM).read(ids), got)
