@@ -9,6 +9,7 @@ from disk safely, and `search` runs queries with an optional id filter and IVF-P
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
@@ -31,10 +32,11 @@ from .pq_refine import Refiner
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_BELOW = 50_000  # `auto` uses exact search below this many vectors
 IVF_MAX = 3_000_000  # `auto` uses IVF-Flat up to this many vectors (when they fit the memory budget)
-RECALL_SAMPLE = 500  # text-like queries used to measure recall@10 (200 above LARGE: re-ranking reads their rows)
-LARGE = 2_000_000
+RECALL_SAMPLE = 500  # text-like queries used to measure recall@10: 250 of each kind, so their recall is within
+# ~0.005 (one standard error) of other such queries'
 MIN_RECALL = 0.95
-TUNE_MARGIN = 0.015  # tuning aims this far above the bar: other queries than the tuning sample's vary by ~0.01
+TUNE_MARGIN = 0.01  # tuning aims this far above the bar: about two standard errors of RECALL_SAMPLE's recall (at
+# 10M, four sets of 500 such queries gave 0.958-0.966 at one setting, where held-out queries gave 0.962)
 SINGLE_THREAD_BELOW = 8  # query batches up to this size search on one thread (per part of the lists: SCAN_PARTS)
 SCAN_PARTS = max(1, min(4, os.cpu_count() or 1))  # a few queries' IVF scan: parts of the probed lists scanned at once
 SCAN_PART_MIN_LISTS = 16  # ... of at least this many lists each (shorter scans: the threads cost more than they save)
@@ -43,19 +45,21 @@ MIN_ANN = 1000  # below this many vectors an IVF/IVF-PQ request builds an exact 
 RETRAIN_GROWTH = 4.0  # an IVF index is retrained once the collection has grown past this many times its training
 RERANK_STEPS = (20, 40, 80, 160, 320, 640, 1000)  # IVF-PQ candidates re-ranked on the stored vectors (tried)
 REFINED_STEPS = (10, 15, 20, 30, 40, 60, 80, 120, 160, 240, 320)  # the same, after the in-memory refine code
-REFINED_HEADROOM = 2  # rows re-ranked: this many times the first depth that reaches the target (see _tune_pq)
-FETCH_NS = 100_000  # re-ranking one candidate: its stored row read and scored (IVF-PQ stores are mostly on disk)
+FETCH_NS = 25_000  # re-ranking one candidate: its row read from the vector file and scored (10M, not in the page
+# cache: 160 rows in ~4 ms, 16 reads at a time; bench_scale.py)
 REFINE_DEPTH = 1000  # IVF-PQ candidates whose scores the in-memory refine code corrects (see pq_refine)
 REFINE_NS = 600  # refining one candidate: a table lookup per 8-bit sub-quantizer
 REFINE_DIMS_PER_CODE = 16  # dimensions per 8-bit refine sub-quantizer (48 bytes for 768-d: 0.5 GB at 10M)
-SCAN_NS_PER_BYTE = {4: 0.25, 8: 1.0}  # scanning one byte of PQ code, by bits per sub-quantizer (FastScan: SIMD)
+SCAN_NS_PER_BYTE = {4: 0.075, 8: 0.3}  # scanning one byte of PQ code, by bits per sub-quantizer: 4-bit FastScan
+# (SIMD) scanned 885k 192-byte codes in ~12.9 ms on 2 cores (10M, bench_scale.py); 8-bit: 4x that, as before
 PQ_NBITS = 4  # IVF-PQ codes: 4-bit sub-quantizers scanned with SIMD (FastScan), several times faster than 8-bit
 PQ_DIMS_PER_CODE = 2  # dimensions per 4-bit sub-quantizer (192 bytes for 768-d): text-like queries' top scores
 # lie within a few hundredths, so 48-byte codes needed 1,000 re-ranked rows for recall 0.9 (tune_pq.py), and
 # 64-byte codes lost a quarter of the true top 10 beyond the first 1,000 candidates (1M, CLIP-like synth data)
-MAX_IVFPQ_LISTS = 2048  # 8,192 lists cut the 10M scan at the bar from 27 to 13 ms (k-means and assignment stay
-# affordable: 2,064 s builds), but the tuning queries did not predict how many of them other queries need (README,
-# Known gap): no more until they do
+MAX_IVFPQ_LISTS = 8192  # at 10M, 2,048 lists needed 1/8 of them probed for the bar (44 ms); 8,192 needed 1/11
+# (17.5 ms). Flat k-means and exact assignment stay affordable: 100k 768-d vectors to 8,192 lists in 8.6 s on 2
+# cores (BLAS), a 10M build in ~35 min
+TOPICS = 20_000  # stored vectors that text-like queries take their topics from (see _topics)
 PROBE_QUERIES = 100  # held-out text-like queries whose exact top-10 an IVF index keeps: folds measure its recall
 PROBE_MIN = 30  # a fold measures recall only while this many of them still have a known exact top-10
 KMEANS_ITERATIONS = 10  # IVF centroids: FAISS's default 25 costs 2.5x the time for no recall once nprobe is tuned
@@ -185,17 +189,33 @@ def text_like_queries(topics: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _topics(sample: np.ndarray, index: faiss.Index | None, seed: int) -> np.ndarray:
-    """Topic directions for text-like queries: the IVF centroids, else k-means centroids of the sample."""
-    ivf = _ivf_of(index) if index is not None else None
-    if ivf is not None and ivf.nlist > 1:
-        return ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    k = max(1, min(64, len(sample) // 39))
-    if k == 1:
-        return sample.mean(axis=0, keepdims=True)
-    km = faiss.Kmeans(sample.shape[1], k, niter=10, seed=seed, spherical=True)
-    km.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return km.centroids
+def _topics(sample: np.ndarray, seed: int) -> np.ndarray:
+    """Topic directions for text-like queries: up to TOPICS of the sampled stored vectors themselves.
+
+    Not the IVF centroids (as before): a query aimed at a centroid finds its neighbours in that list, so with
+    8,192 lists at 10M such queries reached the bar at 362 lists where bench_scale.py's held-out queries (topics:
+    its generator's cluster centres) needed 724. Stored images as topics do not depend on the lists, follow the
+    library's density (what people photograph is what they search for), and needed at least as many lists as
+    the held-out queries at every setting measured (256-1,448 of 8,192 lists, 80-320 rows)."""
+    if len(sample) <= TOPICS:
+        return np.ascontiguousarray(sample, dtype=np.float32)
+    pick = np.random.default_rng(seed).choice(len(sample), size=TOPICS, replace=False)
+    return np.ascontiguousarray(sample[np.sort(pick)], dtype=np.float32)
+
+
+def _legacy_topics(index: faiss.Index) -> np.ndarray:
+    """The IVF centroids: the topics of the kept probe queries of indexes built before those were stored."""
+    ivf = _ivf_of(index)
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+
+def _pack(queries: np.ndarray) -> str:
+    """Queries as base64 float16 (kept with an index's probe: 150 KB for 100 x 768)."""
+    return base64.b64encode(np.ascontiguousarray(queries, dtype=np.float16).tobytes()).decode("ascii")
+
+
+def _unpack(text: str, dim: int) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.float16).reshape(-1, dim).astype(np.float32)
 
 
 def recall_at_k(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, k: int = 10, seed: int = 0,
@@ -205,7 +225,7 @@ def recall_at_k(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, k: int
     if n == 0:
         return 1.0
     k = min(k, n)
-    topics = _topics(vectors[np.random.default_rng(seed).choice(n, size=min(n, 20_000), replace=False)], index, seed)
+    topics = _topics(vectors[np.random.default_rng(seed).choice(n, size=min(n, TOPICS), replace=False)], seed)
     queries = text_like_queries(topics, RECALL_SAMPLE, seed)
     truth = ids[exact_knn(vectors, queries, k)]
     found = search(index, queries, k, fetch=fetch)[1]
@@ -387,10 +407,11 @@ def build(
         log.info("trained in %.1f s", time.perf_counter() - t0)
     truth = probe = None
     if p.kind != "flat" and n:
-        topics = _topics(sample, index, 0)
-        truth = _TopK(text_like_queries(topics, RECALL_SAMPLE if n <= LARGE else RECALL_SAMPLE * 2 // 5), min(10, n))
+        topics = _topics(sample, 0)
+        truth = _TopK(text_like_queries(topics, RECALL_SAMPLE), min(10, n))
         if p.kind in ("ivf", "ivfpq"):  # other queries than tuning's, kept with the index (see fold_probe)
-            probe = _TopK(text_like_queries(topics, PROBE_QUERIES, seed=1), min(10, n))
+            held = text_like_queries(topics, PROBE_QUERIES, seed=1).astype(np.float16).astype(np.float32)
+            probe = _TopK(held, min(10, n))  # (as kept: float16)
     del sample
     added = 0
     for ids, vectors in source.chunks():
@@ -418,8 +439,8 @@ def build(
     if probe is not None:
         found = search(index, probe.q, probe.k, fetch=source.fetch)[1]
         info["probe_recall"] = round(_recall(found, probe.ids), 4)
-        info["recall_probe"] = {"seed": 1, "ids": probe.ids.tolist(), "scores": probe.scores.tolist(),
-                                "valid": [True] * len(probe.q)}  # fmt: skip
+        info["recall_probe"] = {"seed": 1, "queries": _pack(probe.q), "ids": probe.ids.tolist(),
+                                "scores": probe.scores.tolist(), "valid": [True] * len(probe.q)}  # fmt: skip
         log.info("held-out recall@10 %.4f", info["probe_recall"])
     return index, info
 
@@ -505,8 +526,10 @@ def _fetch_rows(fetch: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, dim:
 
 def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarray, target: float,
              fetch: Callable[[np.ndarray], np.ndarray]) -> tuple[float, dict]:  # fmt: skip
-    """IVF-PQ: for nprobe = nlist/64, doubled, the recall of re-ranking the top R PQ candidates for each R in
-    RERANK_STEPS; the cheapest sufficient (nprobe, R) by the time of scanning codes and reading R rows.
+    """IVF-PQ: for nprobe = nlist/64, times sqrt(2) each step, the recall of re-ranking the top R PQ candidates
+    for each R in RERANK_STEPS; the cheapest sufficient (nprobe, R) by the time of scanning codes and reading R
+    rows. No headroom on top: queries with stored images as topics (_topics) needed at least as many lists and
+    rows as other text-like queries at every setting measured at 10M.
 
     Text-like queries never reach the bar at 1/64 of the lists, so the search starts there; stored vectors
     are read once (cached across steps) and only as deep as the R being tried: at 10M they come from disk."""
@@ -529,7 +552,6 @@ def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarra
         return flat.astype(np.float32).reshape(ids.shape[0], ids.shape[1], index.d)
 
     options: list[tuple[float, float, int, int]] = []  # (cost, recall, nprobe, R)
-    cand_at: dict[int, np.ndarray] = {}  # refined candidates by nprobe
     fallback = (0.0, 1, depth)
     nprobe, after = max(1, nlist // 64), 0
     while True:
@@ -537,7 +559,6 @@ def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarra
         approx, cand = _search_plain(index, queries, depth)
         if refiner is not None:
             cand = _refined(refiner, queries, approx, cand, depth)
-            cand_at[nprobe] = cand
         for r in [s for s in steps if s < depth] + [depth]:
             recall = _recall(_rerank(queries, cand[:, :r], rows(cand[:, :r]), k)[1], truth)
             if recall > fallback[0]:
@@ -547,26 +568,25 @@ def _tune_pq(index: faiss.Index, ivf: Any, queries: np.ndarray, truth: np.ndarra
                 break
         log.info("nprobe %d: best recall@10 %.4f", nprobe, max(fallback[0], options[-1][1] if options else 0))
         after += bool(options)
-        if after >= 2 or nprobe >= nlist:  # one more doubling after the first sufficient setting
+        if after >= 2 or nprobe >= nlist:  # one more step after the first sufficient setting
             break
-        nprobe = min(2 * nprobe, nlist)
+        nprobe = _next_nprobe(nprobe, nlist)
     if options:
         _, recall, nprobe, r = min(options)
     else:
         recall, nprobe, r = fallback
-    if refiner is not None and r < depth:
-        # Refined rankings put the last true neighbours of harder queries a little deeper than the tuning queries':
-        # at 10M, other text-like queries lost 0.026 of recall@10 against the tuning queries' at the same setting,
-        # more than TUNE_MARGIN. Reading twice the first sufficient depth keeps them above the bar (the rows are
-        # few now, so this costs a few ms); the recall recorded is that of the depth used.
-        r = min(depth, REFINED_HEADROOM * r)
-        recall = _recall(_rerank(queries, cand_at[nprobe][:, :r], rows(cand_at[nprobe][:, :r]), k)[1], truth)
     ivf.nprobe = nprobe
     _RERANK[index] = r
     if refiner is None:
         return recall, {"nprobe": nprobe, "nlist": nlist, "rerank": r}
     _REFINE_DEPTH[index] = depth
     return recall, {"nprobe": nprobe, "nlist": nlist, "rerank": r, "refine": depth}
+
+
+def _next_nprobe(nprobe: int, nlist: int) -> int:
+    """The next nprobe tuning tries: sqrt(2) times more lists, not 2: the scan costs in proportion to nprobe, and
+    doubling past the least sufficient setting could scan up to twice the lists it needs."""
+    return min(max(nprobe + 1, round(nprobe * math.sqrt(2))), nlist)
 
 
 def _refined(refiner: Refiner, queries: np.ndarray, approx: np.ndarray, ids: np.ndarray, keep: int) -> np.ndarray:
@@ -605,13 +625,16 @@ def fold_probe(index: faiss.Index, probe: dict[str, Any], ids: np.ndarray, vecto
     whose top-10 held a changed or removed id no longer has a known top-10 and is left out from then on.
     The recall is None once fewer than PROBE_MIN queries are left (then only growth triggers a retrain)."""
     top_ids = np.asarray(probe["ids"], dtype=np.int64).reshape(len(probe["ids"]), -1)
-    queries = text_like_queries(_topics(np.zeros((0, index.d), np.float32), index, 0), len(top_ids), probe["seed"])
+    if "queries" in probe:
+        queries = _unpack(probe["queries"], index.d)
+    else:  # kept by an older build: regenerated from its topics then, the IVF centroids
+        queries = text_like_queries(_legacy_topics(index), len(top_ids), probe["seed"])
     top = _TopK(queries, top_ids.shape[1])
     top.ids, top.scores = top_ids, np.asarray(probe["scores"], dtype=np.float32).reshape(top_ids.shape)
     touched = np.union1d(np.asarray(ids, dtype=np.int64), np.asarray(gone, dtype=np.int64))
     valid = np.asarray(probe["valid"], dtype=bool) & ~np.isin(top.ids, touched).any(axis=1)
     top.add(np.asarray(ids, dtype=np.int64), np.ascontiguousarray(vectors, dtype=np.float32))
-    out = {"seed": probe["seed"], "ids": top.ids.tolist(), "scores": top.scores.tolist(), "valid": valid.tolist()}
+    out = {**probe, "ids": top.ids.tolist(), "scores": top.scores.tolist(), "valid": valid.tolist()}
     if valid.sum() < PROBE_MIN:
         return None, out
     found = search(index, queries[valid], top.k, fetch=fetch)[1]

@@ -64,10 +64,10 @@ def main() -> None:
         )
         faiss.omp_set_num_threads(2)
         tq = ttruth = None
-        if a.tuning_queries:  # what faiss_index tunes on: topic (IVF centroid) directions plus noise
+        if a.tuning_queries:  # what faiss_index tunes on: topics (sampled stored vectors) plus noise
             from ruclip_search import faiss_index
 
-            tq = faiss_index.text_like_queries(ivf.quantizer.reconstruct_n(0, ivf.nlist), a.queries)
+            tq = faiss_index.text_like_queries(faiss_index._topics(sample, 0), a.queries)
             ttruth = faiss.knn(tq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
         for nprobe in [int(v) for v in a.nprobes.split(",")]:
             ivf.nprobe = nprobe

@@ -186,14 +186,23 @@ def test_refiner_rejects_negative_ids() -> None:
         refiner.add(np.array([-1]), np.zeros((1, 8), np.float32))
 
 
-def test_tuning_reads_twice_the_first_sufficient_depth(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Harder queries than the tuning's need their last neighbours a little deeper: the tuned re-ranking depth is
-    REFINED_HEADROOM (2) times the first depth at which the tuning queries reach the target."""
+def test_tuning_steps_nprobe_by_sqrt2_from_a_64th_of_the_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan costs in proportion to nprobe: tuning tries nlist/64 and then steps of sqrt(2) (not doubling,
+    which could scan up to twice the lists needed), stopping one step after the first sufficient setting, and
+    keeps the cheapest sufficient one with the recall it measured there."""
     vecs, ids, _ = data(4000, seed=6)
+    tried: list[int] = []
+    real = faiss_index._search_plain
+
+    def plain(index, queries, k):  # noqa: ANN001, ANN202
+        tried.append(int(faiss.extract_index_ivf(index).nprobe))
+        return real(index, queries, k)
+
+    monkeypatch.setattr(faiss_index, "_search_plain", plain)
     _, info = faiss_index.build_faiss(vecs, ids, "ivfpq", min_ann=100)
-    monkeypatch.setattr(faiss_index, "REFINED_HEADROOM", 1)
-    _, first = faiss_index.build_faiss(vecs, ids, "ivfpq", min_ann=100)
-    assert first["params"]["rerank"] < faiss_index.REFINE_DEPTH // 2
-    assert info["params"]["rerank"] == 2 * first["params"]["rerank"]
-    assert info["params"]["nprobe"] == first["params"]["nprobe"]
-    assert info["recall_at_10"] >= first["recall_at_10"]  # the recall recorded is that of the depth used
+    nlist = info["params"]["nlist"]
+    assert tried[0] == max(1, nlist // 64) and len(tried) >= 3
+    for a, b in zip(tried, tried[1:], strict=False):
+        assert b == min(nlist, max(a + 1, round(a * 2**0.5)))
+    assert info["params"]["nprobe"] in tried[-2:]  # the first sufficient step or the one after it
+    assert info["recall_at_10"] >= faiss_index.MIN_RECALL + faiss_index.TUNE_MARGIN

@@ -259,15 +259,58 @@ def test_a_fold_measures_recall_on_the_kept_queries_and_retrains_under_the_bar(
     probe = json.loads(store.get_meta("recall_probe"))
     valid = np.array(probe["valid"])
     assert 0 < valid.sum() < faiss_index.PROBE_QUERIES  # queries that lost a top-10 id are left out
-    index = faiss_index.load(store.faiss_path(), mmap=False, params=info["params"])
-    topics = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, info["params"]["nlist"])
-    queries = faiss_index.text_like_queries(topics, len(valid), seed=1)
+    queries = faiss_index._unpack(probe["queries"], DIM)  # kept with the index, as the fold used them
+    assert queries.shape == (faiss_index.PROBE_QUERIES, DIM)
     np.testing.assert_array_equal(np.array(probe["ids"])[valid], exact_ids(store, queries[valid]))
     # measured under the bar: trained anew (growth alone would not)
     monkeypatch.setattr(faiss_index, "MIN_RECALL", 1.01)
     put(store, vectors(30, seed=13)[0], 5000)
     info = write_faiss(store)
     assert info["retrained"] and info["trained_n"] == info["n"]
+
+
+def test_a_probe_kept_by_an_older_build_is_regenerated_from_its_centroids(store: Store) -> None:
+    """Probes kept before their queries were (topics: the IVF centroids, seed 1) still serve folds: the queries
+    come back from the centroids, their top-10 takes the added vectors in, and the recall is measured."""
+    vecs, _ = vectors(3000, seed=11)
+    put(store, vecs)
+    first = write_faiss(store, "ivf")
+    index = faiss_index.load(store.faiss_path(), mmap=False, params=first["params"])
+    topics = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, first["params"]["nlist"])
+    queries = faiss_index.text_like_queries(topics, faiss_index.PROBE_QUERIES, seed=1)
+    ids, all_vecs = stored(store)
+    scores, rows = faiss.knn(queries, all_vecs, K, metric=faiss.METRIC_INNER_PRODUCT)
+    old = {"seed": 1, "ids": ids[rows].tolist(), "scores": scores.tolist(), "valid": [True] * len(queries)}
+    store.set_meta(recall_probe=json.dumps(old))
+    put(store, vectors(150, seed=12)[0], 3000)
+    info = write_faiss(store)
+    assert not info["retrained"] and info["probe_recall"] is not None and info["probe_recall"] > 0.5
+    probe = json.loads(store.get_meta("recall_probe"))
+    assert "queries" not in probe and all(probe["valid"])
+    np.testing.assert_array_equal(np.array(probe["ids"]), exact_ids(store, queries))
+
+
+def test_tuning_and_probe_queries_take_their_topics_from_stored_vectors(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text-like queries aimed at IVF centroids find their neighbours in the aimed-at list and under-ask for lists
+    (at 10M: 362 of 8,192 tuned where other queries needed 724); the build's topics are stored vectors."""
+    vecs, _ = vectors(3000, seed=11)
+    put(store, vecs)
+    seen: list[np.ndarray] = []
+    real = faiss_index.text_like_queries
+
+    def spy(topics, n, seed=0):  # noqa: ANN001, ANN202
+        seen.append(np.asarray(topics))
+        return real(topics, n, seed)
+
+    monkeypatch.setattr(faiss_index, "text_like_queries", spy)
+    write_faiss(store, "ivf")
+    assert len(seen) == 2  # the tuning's queries and the probe's
+    _, all_vecs = stored(store)
+    for topics in seen:
+        assert len(topics) == min(len(vecs), faiss_index.TOPICS)
+        assert np.abs(topics @ all_vecs.T).max(axis=1).min() > 0.999  # each one a stored vector
 
 
 def test_reranking_reads_rows_by_id_on_both_databases(tmp_path: Path, db: str | None) -> None:
