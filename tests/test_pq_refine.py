@@ -169,6 +169,26 @@ def test_update_encodes_added_and_changed_ids() -> None:
     np.testing.assert_array_equal(found, ids[-3:])  # added vectors find themselves through the refined path
 
 
+def test_codes_added_after_a_removal_scan_right(tmp_path: Path) -> None:
+    """A fold removes changed and deleted photos, then adds the new vectors. FastScan ORs added codes into blocks
+    whose removed slots still held old codes; every vector folded in must score as itself in the scan alone
+    (the scan's best hit for its own vector, all lists probed), in a loaded file too, as after `compact`."""
+    vecs, ids, _ = data(4000, seed=4)
+    built, _ = faiss_index.build_faiss(vecs[:3000], ids[:3000], "ivfpq", min_ann=100)
+    path = faiss_index.save_atomic(built, tmp_path / "f.index")
+    for index in (built, faiss_index.load(path, mmap=False)):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = ivf.nlist
+        changed, gone = ids[:300:3], ids[1:300:3]
+        new = np.vstack([vecs[3000:3100], vecs[3100:3200]])  # changed photos' new vectors, then added photos
+        faiss_index.update(index, np.concatenate([changed, ids[3100:3200]]), new, gone)
+        scores, found = faiss_index._search_plain(index, new, 1)
+        assert np.mean(found[:, 0] == np.concatenate([changed, ids[3100:3200]])) >= 0.98
+        kept = ids[2:300:3]
+        assert np.mean(faiss_index._search_plain(index, vecs[2:300:3], 1)[1][:, 0] == kept) >= 0.98
+        assert not np.isin(gone, faiss_index._search_plain(index, vecs[:300], 5)[1]).any()
+
+
 def test_plan_shrinks_the_refine_code_first_under_the_budget() -> None:
     p = faiss_index.plan(10_000_000, 768)
     assert (p.m, p.refine) == (384, 48) and p.memory(10_000_000, 768) <= 2.6e9  # 192 + 48 bytes a vector
