@@ -57,7 +57,7 @@ PQ_DIMS_PER_CODE = 2  # dimensions per 4-bit sub-quantizer (192 bytes for 768-d)
 # lie within a few hundredths, so 48-byte codes needed 1,000 re-ranked rows for recall 0.9 (tune_pq.py), and
 # 64-byte codes lost a quarter of the true top 10 beyond the first 1,000 candidates (1M, CLIP-like synth data)
 MAX_IVFPQ_LISTS = 8192  # at 10M, 2,048 lists needed 1/8 of them probed for the bar (44 ms); 8,192 needed 1/11
-# (17.5 ms). Flat k-means and exact assignment stay affordable: 100k 768-d vectors to 8,192 lists in 8.6 s on 2
+# (16-18 ms). Flat k-means and exact assignment stay affordable: 100k 768-d vectors to 8,192 lists in 8.6 s on 2
 # cores (BLAS), a 10M build in ~35 min
 TOPICS = 20_000  # stored vectors that text-like queries take their topics from (see _topics)
 PROBE_QUERIES = 100  # held-out text-like queries whose exact top-10 an IVF index keeps: folds measure its recall
@@ -196,7 +196,7 @@ def _topics(sample: np.ndarray, seed: int) -> np.ndarray:
     8,192 lists at 10M such queries reached the bar at 362 lists where bench_scale.py's held-out queries (topics:
     its generator's cluster centres) needed 724. Stored images as topics do not depend on the lists, follow the
     library's density (what people photograph is what they search for), and needed at least as many lists as
-    the held-out queries at every setting measured (256-1,448 of 8,192 lists, 80-320 rows)."""
+    the held-out queries at every setting measured (256-1,448 of 8,192 lists, 80-480 rows)."""
     if len(sample) <= TOPICS:
         return np.ascontiguousarray(sample, dtype=np.float32)
     pick = np.random.default_rng(seed).choice(len(sample), size=TOPICS, replace=False)
@@ -631,7 +631,7 @@ def _clear_block_tails(ivf: Any, lists: np.ndarray) -> None:
 
     FastScan packs 32 codes per block, and its add ORs the new codes' 4-bit halves into the block (FAISS 1.15,
     pq4_pack_codes_range), assuming zeros there; remove_ids leaves the removed codes past the list's new end.
-    So the next add to that list stored codes that scored wrong: in a test, 22 % of vectors re-added after a
+    So the next add to that list stored codes that scored wrong: in tests, 22-37 % of vectors added after a
     removal found themselves; at 10M a changed photo was not found by its own vector. No FAISS call clears
     them, hence this: each stale slot set to a zero code through the lists' own packer."""
     invlists = faiss.downcast_InvertedLists(ivf.invlists)
